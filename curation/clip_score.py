@@ -1,0 +1,241 @@
+"""Caption <-> frame similarity with open_clip (stage 4: the caption filter score).
+
+`ClipScorer` loads an open_clip model once (once per Ray actor), embeds a few frames per clip and the
+caption, and `clip_similarity` is the cosine between the mean frame embedding and the caption embedding.
+
+Weights come only from a local file (`scores.clip.checkpoint`): the model is built with
+`pretrained=None` and the checkpoint is loaded with `open_clip.load_checkpoint` (safetensors, or
+`torch.load(weights_only=True)`), so nothing is ever downloaded. `model="tiny-random"` builds a tiny
+randomly initialised CLIP for tests and the demo; its scores mean nothing (`random_weights` is True) and the
+pipeline must not filter on them.
+
+Shapes: frames (K, H, W, 3) uint8 RGB -> image embeddings (K, D) float32, rows L2-normalised;
+texts list[str] of length T -> (T, D) float32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Defensive: open_clip/huggingface_hub must never reach a hub from a curation worker.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import open_clip  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from common.configtree import ConfigError  # noqa: E402
+
+TINY_MODEL = "tiny-random"
+
+# A CLIP small enough for CI (~1.7M parameters); same code path as ViT-H-14 (registered open_clip config).
+TINY_MODEL_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@dataclass
+class ClipScoreConfig:
+    """open_clip caption-frame similarity (`scores.clip`)."""
+
+    model: str = "ViT-H-14"
+    """open_clip architecture name (ViT-H-14 is what I2VGen-XL uses), or "tiny-random": a tiny CLIP with
+    random weights built in code, for tests and the demo only (its scores are never used to filter)."""
+    checkpoint: str | None = None
+    """Local path to the open_clip weights (.safetensors, .bin, .pt, .pth). Required unless model is
+    tiny-random (where it is optional: a tiny checkpoint saved earlier). Never downloaded."""
+    frames_per_clip: int = 3
+    """Frames sampled evenly in each clip; their embeddings are averaged into the clip embedding."""
+    batch_size: int = 64
+    """Images (or captions) per forward pass."""
+    device: str = "auto"
+    """"auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"."""
+    precision: str = "auto"
+    """"auto" (fp16 on cuda, fp32 on cpu), "fp32", "fp16" or "bf16"."""
+
+
+def _register_tiny_model() -> None:
+    """Register TINY_MODEL_CFG as an open_clip model config (once per process)."""
+    if TINY_MODEL in open_clip.list_models():
+        return
+    with tempfile.TemporaryDirectory(prefix="tiny_clip_") as tmp:
+        path = Path(tmp) / f"{TINY_MODEL}.json"
+        path.write_text(json.dumps(TINY_MODEL_CFG))
+        # add_model_config reads the file into open_clip's in-memory registry; the file can then go.
+        open_clip.add_model_config(path)
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda if available else cpu; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"scores.clip.device: {device!r} is not a torch device (use auto, cpu or cuda)") from exc
+
+
+def _resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if precision not in table:
+        raise ConfigError(f"scores.clip.precision: {precision!r} is not one of {['auto', *table]}")
+    return table[precision]
+
+
+def sample_frame_indices(start: int, end: int, k: int) -> list[int]:
+    """`k` indices spread evenly over [start, end): the centres of k equal segments, without repeats.
+
+    Fewer than k come back when the range holds fewer than k frames; an empty range gives [].
+    """
+    n = end - start
+    if n <= 0 or k <= 0:
+        return []
+    if k >= n:
+        return list(range(start, end))
+    return [start + int((i + 0.5) * n / k) for i in range(k)]
+
+
+def clip_similarity(image_emb: np.ndarray, text_emb: np.ndarray) -> float:
+    """Cosine between the mean of the frame embeddings (K, D) and one caption embedding (D,) or (1, D).
+
+    NaN when there is no frame or the mean embedding is zero (nothing to compare), never an exception.
+    """
+    image_emb = np.asarray(image_emb, dtype=np.float32).reshape(-1, np.shape(text_emb)[-1])
+    text = np.asarray(text_emb, dtype=np.float32).reshape(-1)
+    if image_emb.shape[0] == 0:
+        return float("nan")
+    mean = image_emb.mean(axis=0)
+    norm_i, norm_t = float(np.linalg.norm(mean)), float(np.linalg.norm(text))
+    if norm_i == 0.0 or norm_t == 0.0 or not math.isfinite(norm_i * norm_t):
+        return float("nan")
+    return float(np.dot(mean, text) / (norm_i * norm_t))
+
+
+class ClipScorer:
+    """An open_clip model loaded once; embeds frames and captions in batches."""
+
+    def __init__(self, cfg: ClipScoreConfig):
+        if cfg.frames_per_clip < 1 or cfg.batch_size < 1:
+            raise ConfigError("scores.clip.frames_per_clip and scores.clip.batch_size must be >= 1")
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = _resolve_dtype(cfg.precision, self.device)
+        if cfg.model == TINY_MODEL:
+            _register_tiny_model()
+        elif cfg.model not in open_clip.list_models():
+            raise ConfigError(
+                f"scores.clip.model: {cfg.model!r} is not an open_clip architecture; use {TINY_MODEL!r} or one of "
+                f"{open_clip.list_models()}"
+            )
+        checkpoint = self._check_checkpoint(cfg)
+        # pretrained=None: open_clip builds the architecture only and never looks up a tag or a hub.
+        model = open_clip.create_model(cfg.model, pretrained=None, device="cpu")
+        if checkpoint is not None:
+            # strict=True: a checkpoint of another architecture fails loudly instead of half-loading.
+            open_clip.load_checkpoint(model, str(checkpoint), strict=True, weights_only=True)
+        self.random_weights: bool = checkpoint is None
+        """True when no weights were loaded (tiny-random without checkpoint): scores are meaningless."""
+        self.model = model.to(self.device, dtype=self.dtype).eval()
+        self.tokenizer = open_clip.get_tokenizer(cfg.model)
+        pp = open_clip.get_model_preprocess_cfg(model)
+        size = pp.get("size", model.visual.image_size)
+        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+        self.resize_mode = pp.get("resize_mode", "shortest")
+        if self.resize_mode not in ("shortest", "squash"):
+            raise ConfigError(f"scores.clip.model: open_clip resize_mode {self.resize_mode!r} is not supported")
+        self.interpolation = "bilinear" if pp.get("interpolation") == "bilinear" else "bicubic"
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(pp.get("mean", open_clip.OPENAI_DATASET_MEAN), device=self.device).view(shape)
+        self.std = torch.tensor(pp.get("std", open_clip.OPENAI_DATASET_STD), device=self.device).view(shape)
+        self.embed_dim = int(model.text_projection.shape[-1]) if model.text_projection is not None else None
+
+    @staticmethod
+    def _check_checkpoint(cfg: ClipScoreConfig) -> Path | None:
+        if cfg.checkpoint is None:
+            if cfg.model == TINY_MODEL:
+                return None
+            raise FileNotFoundError(
+                f"open_clip {cfg.model} needs local weights: set scores.clip.checkpoint=/path/to/open_clip_model"
+                f".safetensors (nothing is downloaded), or use scores.clip.model={TINY_MODEL} for a test run"
+            )
+        path = Path(cfg.checkpoint).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"open_clip checkpoint not found: {str(path)!r} (config key scores.clip.checkpoint); "
+                "download the weights yourself and point the key at the local file"
+            )
+        return path.resolve()
+
+    def preprocess(self, frames: np.ndarray) -> torch.Tensor:
+        """(K, H, W, 3) uint8 -> (K, 3, S, S) normalised tensor on the device, like the model's own
+        transform (resize the shortest side with antialiasing, centre crop, normalise) but batched."""
+        x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        th, tw = self.image_size
+        h, w = x.shape[-2:]
+        if self.resize_mode == "squash":
+            nh, nw = th, tw
+        else:
+            scale = max(th / h, tw / w)
+            nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode=self.interpolation, antialias=True, align_corners=False)
+        top, left = (nh - th) // 2, (nw - tw) // 2
+        x = x[:, :, top : top + th, left : left + tw].clamp_(0.0, 1.0)
+        return ((x - self.mean) / self.std).to(self.dtype)
+
+    @torch.inference_mode()
+    def embed_images(self, frames: np.ndarray) -> np.ndarray:
+        """(K, H, W, 3) uint8 RGB -> (K, D) float32, L2-normalised rows."""
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"embed_images expects (K, H, W, 3) uint8 frames, got shape {frames.shape}")
+        out = []
+        for i in range(0, len(frames), self.cfg.batch_size):
+            emb = self.model.encode_image(self.preprocess(frames[i : i + self.cfg.batch_size]), normalize=True)
+            out.append(emb.float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.embed_dim or 0), np.float32)
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """list of T captions -> (T, D) float32, L2-normalised rows (long captions are truncated)."""
+        out = []
+        for i in range(0, len(texts), self.cfg.batch_size):
+            tokens = self.tokenizer([str(t) for t in texts[i : i + self.cfg.batch_size]]).to(self.device)
+            out.append(self.model.encode_text(tokens, normalize=True).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.embed_dim or 0), np.float32)
+
+    def score_clips(self, clip_frames: list[np.ndarray], captions: list[str | None]) -> list[float]:
+        """Similarity per clip: `clip_frames[i]` holds that clip's sampled frames (k_i, H, W, 3), all of one
+        size per source. A clip without caption or frames -> NaN."""
+        if len(clip_frames) != len(captions):
+            raise ValueError("score_clips: one caption per clip")
+        has_text = [bool(c and str(c).strip()) and len(f) > 0 for c, f in zip(captions, clip_frames)]
+        idx = [i for i, ok in enumerate(has_text) if ok]
+        scores = [float("nan")] * len(captions)
+        if not idx:
+            return scores
+        text_emb = self.embed_texts([str(captions[i]) for i in idx])
+        # Frames of all clips of one size go through the model together (sources differ in size).
+        by_shape: dict[tuple, list[int]] = {}
+        for j, i in enumerate(idx):
+            by_shape.setdefault(tuple(clip_frames[i].shape[1:]), []).append(j)
+        for group in by_shape.values():
+            image_emb = self.embed_images(np.concatenate([clip_frames[idx[j]] for j in group]))
+            offset = 0
+            for j in group:
+                k = len(clip_frames[idx[j]])
+                scores[idx[j]] = clip_similarity(image_emb[offset : offset + k], text_emb[j])
+                offset += k
+        return scores

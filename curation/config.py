@@ -1,0 +1,129 @@
+"""The whole config tree of the curation job (`CurateConfig`), composed of the stage configs.
+
+Load it with `load_config(path, overrides)` (YAML file + `a.b=c` overrides, every key and type checked by
+common.configtree); the job writes it back as OUT/config.yaml. Sections:
+
+    decode   curation.decode.DecodeConfig        one decode pass per source (small + work frames)
+    shots    curation.shots.ShotConfig           shot detection, clip lengths, trims
+    scores   clip / text / motion / quality      per-clip scores
+    filter   curation.filters.FilterConfig       thresholds (None = off) and the global near-duplicate pass;
+                                                 applied late, after all scores
+    encode   curation.encode.EncodeConfig        H.264 clip + JPEG first frame written to the shards
+    job      JobConfig                           Ray Data parallelism, per-source limits
+    output   OutputConfig                        shard size
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import configtree
+from common.configtree import ConfigError
+from curation.clip_score import TINY_MODEL, ClipScoreConfig
+from curation.decode import DecodeConfig
+from curation.encode import EncodeConfig
+from curation.filters import FilterConfig, validate_filter_config
+from curation.motion import MotionConfig
+from curation.quality import QualityConfig
+from curation.shots import ShotConfig
+from curation.text_rules import TextRuleConfig
+
+
+@dataclass
+class ScoresConfig:
+    """Per-clip score settings (`scores.*`)."""
+
+    clip: ClipScoreConfig = field(default_factory=ClipScoreConfig)
+    text: TextRuleConfig = field(default_factory=TextRuleConfig)
+    motion: MotionConfig = field(default_factory=MotionConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+
+
+@dataclass
+class JobConfig:
+    """How the Ray job runs (`job.*`). Scales with the cluster: raise the actor counts, nothing else."""
+
+    process_actors: int = 2
+    """CPU actors that read, probe, decode, split, score and encode sources (stage 1)."""
+    process_cpus: float = 1.0
+    """CPUs reserved per stage-1 actor."""
+    clip_actors: int = 1
+    """Actors running open_clip (stage 2)."""
+    clip_num_gpus: float | None = None
+    """GPUs per open_clip actor; None = 1 when the cluster has a GPU, else 0 (CPU)."""
+    clip_cpus: float = 1.0
+    """CPUs reserved per open_clip actor."""
+    clip_sources_per_batch: int = 4
+    """Sources whose sampled frames go through open_clip together."""
+    clip_frame_side: int = 224
+    """Frames sent to open_clip are shrunk to this shortest side first (less data between actors)."""
+    source_timeout_s: float = 900.0
+    """Wall-clock limit for one source in stage 1 (a hung decoder becomes status=error, the job goes on)."""
+    max_source_bytes: int = 4 * 1024**3
+    """Larger inputs are rejected unread (status=error)."""
+    object_store_memory_mb: int | None = None
+    """Object store size when the job starts its own local Ray (None = Ray's default)."""
+
+
+@dataclass
+class OutputConfig:
+    """What is written under OUT (`output.*`)."""
+
+    shard_max_bytes: int = 512 * 1024**2
+    """Upper bound of one WebDataset tar (a single larger sample gets a shard of its own)."""
+    keep_staging: bool = True
+    """Keep OUT/staging (the resume checkpoint) after the job; False deletes it at the end."""
+
+
+@dataclass
+class CurateConfig:
+    """Everything the curation job reads; OUT/config.yaml is this tree after overrides."""
+
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    shots: ShotConfig = field(default_factory=ShotConfig)
+    scores: ScoresConfig = field(default_factory=ScoresConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    job: JobConfig = field(default_factory=JobConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def validate(cfg: CurateConfig) -> None:
+    """Checks that must fail before any work starts (ConfigError names the field and the fix)."""
+    clip = cfg.scores.clip
+    if clip.model != TINY_MODEL:
+        if clip.checkpoint is None:
+            raise ConfigError(
+                f"scores.clip.checkpoint: open_clip {clip.model} needs local weights; set "
+                "scores.clip.checkpoint=/path/to/open_clip_model.safetensors (nothing is downloaded), "
+                f"or scores.clip.model={TINY_MODEL} for a test run"
+            )
+        if not Path(clip.checkpoint).expanduser().is_file():
+            raise ConfigError(
+                f"scores.clip.checkpoint: file not found: {clip.checkpoint!r} (open_clip {clip.model} weights)"
+            )
+    if cfg.job.process_actors < 1 or cfg.job.clip_actors < 1:
+        raise ConfigError("job.process_actors and job.clip_actors must be >= 1")
+    if cfg.job.clip_sources_per_batch < 1:
+        raise ConfigError("job.clip_sources_per_batch must be >= 1")
+    if cfg.job.source_timeout_s <= 0:
+        raise ConfigError("job.source_timeout_s must be > 0")
+    if cfg.output.shard_max_bytes <= 0:
+        raise ConfigError("output.shard_max_bytes must be > 0")
+    validate_filter_config(
+        cfg.filter,
+        clip_random_weights=clip.model == TINY_MODEL and clip.checkpoint is None,
+        has_aesthetic=bool(cfg.scores.quality.aesthetic_head),
+    )
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CurateConfig:
+    """Defaults <- YAML file `path` <- `a.b=c` overrides, validated."""
+    cfg = configtree.load(CurateConfig, path, overrides)
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: CurateConfig) -> str:
+    return configtree.to_yaml(cfg)

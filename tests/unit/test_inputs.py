@@ -1,0 +1,100 @@
+"""Input listing: folders with NAME.txt captions, CSV/Parquet/JSONL tables, unreadable captions, fsspec reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from curation.inputs import list_inputs, read_bytes, source_key
+
+
+def _touch(path: Path, data: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_folder_lists_videos_and_images_with_captions(tmp_path):
+    _touch(tmp_path / "b.mp4")
+    (tmp_path / "b.txt").write_text("  a dog runs on a beach \n")
+    _touch(tmp_path / "a.webm")  # no caption file -> empty caption, not an error
+    _touch(tmp_path / "sub" / "c.jpg")
+    (tmp_path / "sub" / "c.txt").write_text("a red car")
+    _touch(tmp_path / "notes.json")  # ignored
+    items = list_inputs(str(tmp_path))
+    assert [(Path(i.source).name, i.kind) for i in items] == [("a.webm", "video"), ("b.mp4", "video"),
+                                                              ("c.jpg", "image")]
+    by_name = {Path(i.source).name: i for i in items}
+    assert by_name["b.mp4"].caption == "a dog runs on a beach"
+    assert by_name["a.webm"].caption == "" and by_name["a.webm"].caption_error is None
+    assert by_name["c.jpg"].caption == "a red car"
+    assert all(Path(i.uri).is_absolute() for i in items)
+    assert by_name["b.mp4"].source == str(tmp_path / "b.mp4")  # as given (here: absolute because tmp_path is)
+
+
+def test_unreadable_caption_is_recorded_not_raised(tmp_path):
+    _touch(tmp_path / "v.mp4")
+    (tmp_path / "v.txt").write_bytes(b"caf\xe9 \xff\xfe broken")
+    _touch(tmp_path / "w.mp4")
+    (tmp_path / "w.txt").mkdir()  # a folder where the caption file should be
+    items = {Path(i.source).name: i for i in list_inputs(str(tmp_path))}
+    assert items["v.mp4"].caption_error and "not UTF-8" in items["v.mp4"].caption_error
+    assert items["w.mp4"].caption_error and items["w.mp4"].caption_error.startswith("caption unreadable")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
+def test_tables_resolve_relative_paths_and_keep_source_as_given(tmp_path, fmt):
+    _touch(tmp_path / "media" / "x.mp4")
+    _touch(tmp_path / "media" / "y.png")
+    df = pd.DataFrame({"video": ["media/x.mp4", None], "image": [None, "media/y.png"],
+                       "caption": ["a cat sleeps", "a sunny street"]})
+    path = tmp_path / f"table.{fmt}"
+    if fmt == "csv":
+        df.to_csv(path, index=False)
+    elif fmt == "parquet":
+        df.to_parquet(path)
+    else:
+        path.write_text("\n".join(json.dumps({k: v for k, v in r.items() if v is not None})
+                                  for r in df.to_dict("records")))
+    items = list_inputs(str(path))
+    assert [(i.source, i.kind, i.caption) for i in items] == [
+        ("media/x.mp4", "video", "a cat sleeps"), ("media/y.png", "image", "a sunny street")]
+    assert items[0].uri == str((tmp_path / "media" / "x.mp4").resolve())
+
+
+def test_table_urls_and_bad_tables(tmp_path):
+    df = pd.DataFrame({"video": ["s3://bucket/a.mp4", "s3://bucket/a.mp4"], "caption": ["one", "dup"]})
+    df.to_csv(tmp_path / "t.csv", index=False)
+    items = list_inputs(str(tmp_path / "t.csv"))
+    assert len(items) == 1 and items[0].uri == "s3://bucket/a.mp4" and items[0].caption == "one"
+    pd.DataFrame({"path": ["a.mp4"]}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(ValueError, match="`video` or `image` column"):
+        list_inputs(str(tmp_path / "bad.csv"))
+    with pytest.raises(ValueError, match="neither a folder nor a table"):
+        list_inputs(str(tmp_path / "missing_folder"))
+    # a non-text caption cell is a recorded error
+    pd.DataFrame({"video": ["a.mp4"], "caption": [3.5]}).to_parquet(tmp_path / "num.parquet")
+    assert "expected text" in list_inputs(str(tmp_path / "num.parquet"))[0].caption_error
+
+
+def test_read_bytes_local_and_fsspec_memory(tmp_path):
+    import fsspec
+
+    p = _touch(tmp_path / "v.mp4", b"abc")
+    assert read_bytes(str(p)) == b"abc"
+    with fsspec.open("memory://curate-test/v.mp4", "wb") as fh:
+        fh.write(b"remote-bytes")
+    assert read_bytes("memory://curate-test/v.mp4") == b"remote-bytes"
+    with pytest.raises(ValueError, match="limit"):
+        read_bytes("memory://curate-test/v.mp4", max_bytes=4)
+    with pytest.raises(FileNotFoundError):
+        read_bytes(str(tmp_path / "nope.mp4"))
+
+
+def test_source_key_is_stable_and_distinct():
+    assert source_key("a/b.mp4") == source_key("a/b.mp4")
+    assert source_key("a/b.mp4") != source_key("a/c.mp4")
+    assert len(source_key("x")) == 16

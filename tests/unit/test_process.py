@@ -1,0 +1,175 @@
+"""Per-source orchestration without Ray: a synthetic 3-shot video, poison files, an image pair, captions."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from curation.config import load_config
+from curation.inputs import InputItem, list_inputs
+from curation.process import clip_id_for, process_source
+
+REPO = Path(__file__).resolve().parents[2]
+FPS = 24
+SHOT_FRAMES = (40, 36, 44)  # hard cuts at 40 and 76
+
+
+def _texture(seed: int, h: int, w: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (h // 4, w // 4, 3), dtype=np.uint8)
+    tex = cv2.resize(base, (w * 2, h), interpolation=cv2.INTER_CUBIC)
+    tint = np.array([(seed * 70) % 256, (seed * 130 + 60) % 256, (seed * 200 + 30) % 256], np.float32)
+    return np.clip(tex * 0.6 + tint * 0.4, 0, 255).astype(np.uint8)
+
+
+def synthetic_frames(h: int = 96, w: int = 160) -> np.ndarray:
+    """Three shots of different textures, each panning 2 px per frame (moving, sharp, not static)."""
+    frames = []
+    for shot, n in enumerate(SHOT_FRAMES):
+        tex = _texture(shot + 1, h, w)
+        frames += [tex[:, 2 * i : 2 * i + w] for i in range(n)]
+    return np.stack(frames)
+
+
+def write_mp4(path: Path, frames: np.ndarray, fps: int = FPS) -> Path:
+    with av.open(str(path), "w") as out:
+        st = out.add_stream("libx264", rate=fps)
+        st.width, st.height, st.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for f in frames:
+            out.mux(st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(st.encode(None))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    # The job's default config (tiny random CLIP); short shots allowed so the synthetic shots count.
+    return load_config(REPO / "configs" / "curate_default.yaml",
+                       ["shots.min_shot_s=0.5", "filter.min_duration_s=0.5", "decode.timeout_s=60"])
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory) -> Path:
+    return write_mp4(tmp_path_factory.mktemp("vid") / "three_shots.mp4", synthetic_frames())
+
+
+def _item(path: Path, caption: str = "a colourful texture pans slowly to the left", kind: str = "video"):
+    return InputItem(source=str(path), uri=str(path), kind=kind, caption=caption)
+
+
+def test_video_is_split_at_the_cuts_and_clips_are_encoded_exactly(cfg, video):
+    res = process_source(_item(video), cfg)
+    src = res.source_row
+    assert src["status"] == "ok", src["error"]
+    assert src["num_frames"] == sum(SHOT_FRAMES) and src["fps"] == pytest.approx(FPS)
+    assert len(src["cuts"]) == 2
+    assert abs(src["cuts"][0] - 40) <= 1 and abs(src["cuts"][1] - 76) <= 1
+    bounds = [0, *src["cuts"], src["num_frames"]]
+    assert len(res.clip_rows) == len(res.media) == len(res.clip_frames) >= 3
+    for row, (mp4, jpg), frames in zip(res.clip_rows, res.media, res.clip_frames):
+        s, e = row["start_frame"], row["end_frame"]
+        # frame-exact: no clip contains a frame of a neighbouring shot
+        assert any(lo <= s and e <= hi for lo, hi in zip(bounds, bounds[1:])), (s, e, bounds)
+        assert row["clip_id"] == clip_id_for(str(video), s, e)
+        assert row["duration_s"] == pytest.approx((e - s) / FPS)
+        for score in ("motion", "flicker", "sharpness", "brightness", "contrast", "text_score"):
+            assert np.isfinite(row[score]), score
+        assert np.isnan(row["clip_similarity"])  # filled in by stage 2, not here
+        assert frames.ndim == 4 and 1 <= len(frames) <= cfg.scores.clip.frames_per_clip
+        assert mp4 is not None and jpg is not None, row  # moving, sharp, captioned: passes the cheap filters
+        with av.open(io.BytesIO(mp4)) as c:
+            n = sum(1 for _ in c.decode(video=0))
+        assert n == e - s
+        assert cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR).shape[:2] == (row["out_height"],
+                                                                                         row["out_width"])
+
+
+def test_rejected_caption_skips_encoding_but_keeps_scores(cfg, video):
+    res = process_source(_item(video, caption=""), cfg)
+    assert res.source_row["status"] == "ok"
+    assert res.clip_rows and all(r["text_issue"] == "empty" for r in res.clip_rows)
+    assert all(m == (None, None) for m in res.media)
+    assert all(np.isfinite(r["motion"]) and len(f) for r, f in zip(res.clip_rows, res.clip_frames))
+
+
+@pytest.mark.parametrize(
+    "name,data,expect",
+    [
+        ("empty.mp4", b"", "empty file"),
+        ("text.mp4", b"this is a caption file, not a video\n" * 20, ""),
+        ("truncated.mp4", None, ""),
+    ],
+)
+def test_poison_files_become_error_rows(cfg, video, tmp_path, name, data, expect):
+    path = tmp_path / name
+    path.write_bytes(video.read_bytes()[:2000] if data is None else data)
+    res = process_source(_item(path), cfg)
+    assert res.source_row["status"] == "error"
+    assert expect in res.source_row["error"] and "\n" not in res.source_row["error"]
+    assert res.clip_rows == [] and res.media == []
+
+
+def test_missing_file_and_unreadable_caption_are_errors(cfg, tmp_path):
+    gone = process_source(_item(tmp_path / "gone.mp4"), cfg)
+    assert gone.source_row["status"] == "error" and gone.source_row["error"].startswith("unreadable")
+    bad = InputItem(source="x.mp4", uri=str(tmp_path / "x.mp4"), kind="video", caption="",
+                    caption_error="caption unreadable: x.txt is not UTF-8 text")
+    res = process_source(bad, cfg)
+    assert res.source_row["status"] == "error" and "not UTF-8" in res.source_row["error"]
+
+
+def test_image_pair_and_broken_image(cfg, tmp_path):
+    frame = synthetic_frames()[10]
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    img = tmp_path / "pair.png"
+    img.write_bytes(buf.tobytes())
+    (tmp_path / "pair.txt").write_text("a colourful abstract texture")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    items = {Path(i.source).name: i for i in list_inputs(str(tmp_path))}
+    res = process_source(items["pair.png"], cfg)
+    assert res.source_row["status"] == "ok" and res.source_row["num_frames"] == 1
+    (row,) = res.clip_rows
+    assert row["kind"] == "image" and row["caption"] == "a colourful abstract texture"
+    assert row["clip_id"] == clip_id_for(items["pair.png"].source, 0, 1)
+    mp4, jpg = res.media[0]
+    assert mp4 is None and jpg is not None
+    assert np.isfinite(row["sharpness"]) and row.get("motion") is None
+    broken = process_source(items["broken.jpg"], cfg)
+    assert broken.source_row["status"] == "error" and "image" in broken.source_row["error"]
+
+
+def test_stage1_guard_turns_a_slow_source_into_an_error_row(cfg, video):
+    """The per-source wall-clock bound of the Ray stage (called directly here, no Ray needed)."""
+    import dataclasses
+
+    from pipeline.stages import ProcessSources, decode_payload, item_to_row
+
+    fast_limit = dataclasses.replace(cfg, job=dataclasses.replace(cfg.job, source_timeout_s=0.001))
+    stage = ProcessSources(fast_limit)
+    out = stage({"item": np.array([item_to_row(_item(video))["item"]], dtype=object)})
+    res = decode_payload(out["payload"][0])
+    assert res.source_row["status"] == "error" and "timed out" in res.source_row["error"]
+    stage.cfg = cfg  # the actor goes on with the next source on a fresh worker thread
+    out = stage({"item": np.array([item_to_row(_item(video))["item"]], dtype=object)})
+    assert decode_payload(out["payload"][0]).source_row["status"] == "ok"
+
+
+def test_cli_config_mistakes_fail_early_with_the_field_named(tmp_path, capsys):
+    from pipeline.curate import main
+
+    sample = str(REPO / "tests" / "assets" / "sample")
+    assert main(["--input", sample, "--output", str(tmp_path / "o"), "scores.clip.model=ViT-H-14"]) == 2
+    assert "scores.clip.checkpoint" in capsys.readouterr().err
+    missing = tmp_path / "vit_h_14.safetensors"
+    assert main(["--input", sample, "--output", str(tmp_path / "o"), "scores.clip.model=ViT-H-14",
+                 f"scores.clip.checkpoint={missing}"]) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert main(["--input", sample, "--output", str(tmp_path / "o"), "filter.min_clip_similarity=0.2"]) == 2
+    assert "random weights" in capsys.readouterr().err
+    assert main(["--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()  # nothing written before the checks pass

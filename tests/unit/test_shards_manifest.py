@@ -1,0 +1,141 @@
+"""Staging files, shard planning/writing and manifests: deterministic, atomic, readable by webdataset."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from pipeline import manifest, shards, staging
+
+
+def test_plan_is_by_bytes_sorted_and_order_independent():
+    samples = [(f"id{i:03d}", "video", 400) for i in range(10)] + [("img001", "image", 50)]
+    plan = shards.plan_shards(samples, max_bytes=3 * (400 + 3072))
+    again = shards.plan_shards(list(reversed(samples)), max_bytes=3 * (400 + 3072))
+    assert plan == again
+    video = sorted((cid, s) for cid, s in plan.items() if s.startswith("video"))
+    assert [s for _, s in video] == ["video-000000.tar"] * 3 + ["video-000001.tar"] * 3 + \
+        ["video-000002.tar"] * 3 + ["video-000003.tar"]
+    assert plan["img001"] == "image-000000.tar"
+    # a sample larger than the limit still gets written, alone
+    big = shards.plan_shards([("a", "video", 10), ("b", "video", 10**9), ("c", "video", 10)], max_bytes=10**6)
+    assert big == {"a": "video-000000.tar", "b": "video-000001.tar", "c": "video-000002.tar"}
+    with pytest.raises(ValueError):
+        shards.plan_shards(samples, 0)
+
+
+def test_write_shard_is_atomic_deterministic_and_webdataset_readable(tmp_path):
+    samples = [
+        ("abc_000000_000010", {"mp4": b"\x00mp4", "jpg": b"\xffjpg", "txt": b"a cat", "json": b'{"k": 1}'}),
+        ("abc_000010_000020", {"mp4": b"\x01mp4", "jpg": b"\xfejpg", "txt": b"a dog", "json": b'{"k": 2}'}),
+    ]
+    path = tmp_path / "video-000000.tar"
+    assert shards.write_shard(path, samples) == 2
+    first = path.read_bytes()
+    shards.write_shard(path, samples)
+    assert path.read_bytes() == first  # mtime 0, fixed order: byte-identical rewrite
+    assert not list(tmp_path.glob("*.tmp"))
+    got = list(wds.WebDataset(str(path), shardshuffle=False))
+    assert [s["__key__"] for s in got] == ["abc_000000_000010", "abc_000010_000020"]
+    assert got[1]["mp4"] == b"\x01mp4" and got[1]["txt"] == b"a dog" and json.loads(got[1]["json"]) == {"k": 2}
+    with pytest.raises(ValueError, match="must not contain"):
+        shards.write_shard(tmp_path / "x.tar", [("a.b", {"txt": b""})])
+
+
+def test_clean_shard_dir_removes_temp_and_stale(tmp_path):
+    for name in ("video-000000.tar", "video-000001.tar", "video-000002.tar.tmp", "image-000000.tar"):
+        (tmp_path / name).write_bytes(b"")
+    assert shards.clean_shard_dir(tmp_path, keep={"video-000000.tar", "image-000000.tar"}) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image-000000.tar", "video-000000.tar"]
+
+
+def test_staging_roundtrip_and_resume_bookkeeping(tmp_path):
+    src = {"source": "a.mp4", "kind": "video", "status": "ok", "error": None, "cuts": [5], "_timing": {"x": 1.0}}
+    rows = [{"clip_id": "k_000000_000005", "motion": float("nan"), "phash": -5},
+            {"clip_id": "k_000005_000010", "motion": 2.5, "phash": 7}]
+    staging.write_source(tmp_path, "key1", src, rows, [(b"mp4bytes", b"jpg"), (None, None)])
+    staging.write_source(tmp_path, "empty", {**src, "status": "error", "error": "bad"}, [], [])
+    (tmp_path / "key2.parquet.tmp-123").write_bytes(b"half")  # a killed write
+    assert staging.finished_keys(tmp_path) == {"key1", "empty"}
+    assert staging.clean_temp_files(tmp_path) == 1
+    got_src, got_rows, sizes = staging.read_rows(staging.staging_path(tmp_path, "key1"))
+    assert got_src == src and sizes == [len(b"mp4bytes") + 3, 0]
+    assert got_rows[0]["motion"] is None and got_rows[1]["motion"] == 2.5 and got_rows[0]["phash"] == -5
+    media = staging.read_media(staging.staging_path(tmp_path, "key1"))
+    assert media == {"k_000000_000005": (b"mp4bytes", b"jpg"), "k_000005_000010": (None, None)}
+    e_src, e_rows, _ = staging.read_rows(staging.staging_path(tmp_path, "empty"))
+    assert e_src["error"] == "bad" and e_rows == []
+    with pytest.raises(ValueError):
+        staging.write_source(tmp_path, "bad", src, rows, [])
+
+
+def test_manifests_follow_the_contract(tmp_path):
+    sources = [
+        {"source": "b.mp4", "kind": "video", "status": "ok", "error": None, "num_frames": 48, "fps": 24.0,
+         "width": 64, "height": 48, "cuts": [12, 30], "_timing": {}},
+        {"source": "a.mp4", "kind": "video", "status": "error", "error": "empty file (0 bytes)",
+         "num_frames": None, "fps": None, "width": None, "height": None, "cuts": []},
+    ]
+    clip = {"clip_id": "z_000000_000012", "source": "b.mp4", "kind": "video", "shot_index": 0, "start_frame": 0,
+            "end_frame": 12, "start_s": 0.0, "end_s": 0.5, "fps": 24.0, "width": 64, "height": 48,
+            "caption": "a cat", "text_issue": None, "motion": 1.5, "sharpness": None, "clip_similarity": float("nan"),
+            "phash": -3, "kept": True, "reject_reason": None, "shard": "video-000000.tar", "duplicate_of": None}
+    clip2 = {**clip, "clip_id": "a_000012_000030", "kept": False, "reject_reason": "static", "shard": None}
+    s_path, c_path = manifest.write_manifests(tmp_path, sources, [clip, clip2])
+    s = pq.read_table(s_path)
+    assert s.column_names == ["source", "kind", "status", "error", "num_frames", "fps", "width", "height", "cuts"]
+    assert s.column("source").to_pylist() == ["a.mp4", "b.mp4"]  # sorted, not arrival order
+    assert pa.types.is_list(s.schema.field("cuts").type) and s.schema.field("cuts").type.value_type == pa.int64()
+    assert s.column("cuts").to_pylist() == [[], [12, 30]]
+    c = pq.read_table(c_path)
+    for col in ("clip_id", "source", "shot_index", "start_frame", "end_frame", "start_s", "end_s", "fps", "width",
+                "height", "caption", "kept", "reject_reason", "shard"):
+        assert col in c.column_names
+    for score in ("motion", "sharpness", "clip_similarity"):
+        assert str(c.schema.field(score).type) == "double"
+    assert c.column("clip_id").to_pylist() == ["a_000012_000030", "z_000000_000012"]
+    assert c.column("kept").to_pylist() == [False, True]
+    assert math.isnan(c.column("clip_similarity").to_pylist()[0])
+    assert c.column("sharpness").to_pylist() == [None, None]
+
+
+def _row(cid, kind="video", **kw):
+    row = {"clip_id": cid, "source": cid.split("_")[0], "kind": kind, "start_frame": 0, "end_frame": 48,
+           "fps": 24.0 if kind == "video" else None, "text_issue": None, "text_score": 0.9, "motion": 5.0,
+           "flicker": 0.1, "sharpness": 100.0, "brightness": 0.5, "contrast": 0.2, "blank_fraction": 0.0,
+           "clip_similarity": 0.3, "phash": 0x0F0F0F0F0F0F0F0F}
+    if kind == "image":
+        row.update(motion=None, flicker=None, end_frame=1)
+    row.update(kw)
+    return row
+
+
+def test_final_filter_kinds_dedup_random_weights_and_unencoded():
+    from curation.config import CurateConfig
+    from pipeline.curate import final_filter
+
+    cfg = CurateConfig()
+    cfg.filter.min_clip_similarity = 0.25
+    rows = [
+        _row("a_1"),                                   # kept
+        _row("b_1", clip_similarity=0.35, phash=0x0F0F0F0F0F0F0F0E),  # 1 bit from a_1, higher priority
+        _row("c_1", motion=0.0, phash=1),              # static
+        _row("d_1", clip_similarity=0.1, phash=2**40), # caption mismatch (real weights)
+        _row("e_1", kind="image"),                     # images: no motion/duration rules; own dedup group
+        _row("f_1", phash=2**50 + 3),                  # passes, but was never encoded
+    ]
+    sizes = [10, 10, 0, 10, 10, 0]
+    final_filter(rows, sizes, cfg, random_weights=False)
+    got = {r["clip_id"]: r["reject_reason"] for r in rows}
+    assert got == {"a_1": "duplicate", "b_1": None, "c_1": "static", "d_1": "caption_mismatch", "e_1": None,
+                   "f_1": "score_error"}
+    assert rows[0]["duplicate_of"] == "b_1" and [r["kept"] for r in rows] == [False, True, False, False, True, False]
+    # random weights: no similarity threshold, and the sharper duplicate wins instead of the "better match"
+    rows = [_row("d_1", clip_similarity=0.1, sharpness=300.0), _row("g_1", clip_similarity=0.9, phash=rows[0]["phash"])]
+    final_filter(rows, [10, 10], cfg, random_weights=True)
+    assert [(r["kept"], r["reject_reason"]) for r in rows] == [(True, None), (False, "duplicate")]
