@@ -1,0 +1,128 @@
+"""ResBlock with its temporal conv block, and the 2x down/up samplers.
+
+Shapes (frames folded into the batch, the layout every block in the UNet passes around):
+    x       (B*F, C, H, W)      NCHW, or channels-last (physically (B, F, H, W, C)) after set_channels_last
+    temb    (B*F, T)            time (+fps) embedding, repeated per frame
+    inside TemporalConvBlock the view is (B, C, F, H*W): with channels-last storage that view needs no copy,
+    and the Conv3d k=(3,1,1) runs as the identical Conv2d k=(3,1) over (F, H*W) (several times faster on
+    CPU than PyTorch's Conv3d path; the parameter stays a Conv3d weight for checkpoint compatibility).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.recompute import RecomputeMixin
+
+
+def frames_to_clip(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(B*F, C, H, W) -> (B, C, F, H*W); a view when x is channels-last or the frames are contiguous."""
+    bf, c, h, w = x.shape
+    return x.reshape(bf // num_frames, num_frames, c, h * w).transpose(1, 2)
+
+
+def clip_to_frames(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, C, F, H*W) -> (B*F, C, H, W); a view for channels-last storage."""
+    b, c, f, _ = x.shape
+    return x.transpose(1, 2).reshape(b * f, c, h, w)
+
+
+class TemporalConvStage(RecomputeMixin, nn.Module):
+    """GroupNorm -> SiLU -> Dropout -> Conv3d k=(3,1,1) over a clip (B, C, F, H*W)."""
+
+    def __init__(self, channels: int, groups: int, eps: float, dropout: float):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
+
+    def _pre(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.norm(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # dropout stays outside the recomputed region: its 1-byte mask is cheaper to keep than to redraw
+        h = self.dropout(self.cheap(self._pre, x))
+        return F.conv2d(h, self.conv.weight.squeeze(-1), self.conv.bias, padding=(1, 0))
+
+
+class TemporalConvBlock(nn.Module):
+    """4 stages of [GroupNorm, SiLU, Dropout, Conv3d (3,1,1)] with a residual; the last conv is zero-init,
+    so a fresh block is the identity (a pretrained image UNet is undisturbed). Stage 1 has no dropout,
+    as in the released weights' code (ModelScope / VGen `TemporalConvBlock_v2`)."""
+
+    def __init__(self, channels: int, groups: int, eps: float = 1e-5, dropout: float = 0.1):
+        super().__init__()
+        self.stages = nn.ModuleList(
+            [TemporalConvStage(channels, groups, eps, 0.0 if i == 0 else dropout) for i in range(4)]
+        )
+        nn.init.zeros_(self.stages[-1].conv.weight)
+        nn.init.zeros_(self.stages[-1].conv.bias)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        # x: (B*F, C, H, W) -> (B, C, F, H*W); GroupNorm statistics span all frames of a clip.
+        identity = frames_to_clip(x, num_frames)
+        h = identity
+        for stage in self.stages:
+            h = stage(h)
+        return clip_to_frames(identity + h, x.shape[2], x.shape[3])
+
+
+class ResBlock(RecomputeMixin, nn.Module):
+    """Spatial ResBlock (GroupNorm-SiLU-Conv, + time embedding, GroupNorm-SiLU-Dropout-Conv, skip) followed
+    by a TemporalConvBlock. Output = temporal(skip(x) + convs(x))."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        groups: int,
+        eps: float = 1e-5,
+        dropout: float = 0.0,
+        temporal_dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.temporal = TemporalConvBlock(out_channels, groups, eps, temporal_dropout)
+
+    def _pre1(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.norm1(x))
+
+    def _pre2(self, h: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.norm2(h))
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, num_frames: int) -> torch.Tensor:
+        h = self.conv1(self.cheap(self._pre1, x))
+        h = h + self.time_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(self.cheap(self._pre2, h)))
+        return self.temporal(self.skip(x) + h, num_frames)
+
+
+class Downsample(nn.Module):
+    """3x3 conv with stride 2 (padding 1)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour resize to `size` (the matching skip's H, W; 2x when sizes divide evenly) + 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))

@@ -1,0 +1,61 @@
+"""common.configtree: typed YAML config trees with dotted overrides and early, named errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from common.configtree import ConfigError, flatten, from_dict, load, to_yaml
+
+
+@dataclass
+class Inner:
+    threshold: float | None = 0.5
+    sizes: tuple[int, int] = (64, 36)
+    mode: str = "adaptive"
+
+
+@dataclass
+class Outer:
+    name: str = "job"
+    workers: int = 2
+    enabled: bool = True
+    inner: Inner = field(default_factory=Inner)
+    tags: list[str] = field(default_factory=list)
+
+
+def test_defaults_yaml_roundtrip(tmp_path):
+    cfg = Outer(workers=4, inner=Inner(threshold=None, sizes=(32, 18)), tags=["a"])
+    path = tmp_path / "c.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load(Outer, path) == cfg
+
+
+def test_overrides_are_typed():
+    cfg = load(Outer, None, ["workers=8", "inner.threshold=0.25", "enabled=false", "inner.sizes=[16,8]"])
+    assert cfg.workers == 8 and cfg.inner.threshold == 0.25 and cfg.enabled is False
+    assert cfg.inner.sizes == (16, 8)
+    assert load(Outer, None, ["inner.threshold=null"]).inner.threshold is None
+
+
+def test_unknown_key_names_valid_keys():
+    with pytest.raises(ConfigError, match=r"inner: unknown key\(s\) \['treshold'\]; valid keys: \['mode', 'sizes', 'threshold'\]"):
+        load(Outer, None, ["inner.treshold=0.1"])
+
+
+def test_bad_value_names_field():
+    with pytest.raises(ConfigError, match="workers: expected an integer"):
+        from_dict(Outer, {"workers": "many"})
+    with pytest.raises(ConfigError, match="inner.sizes: expected 2 items"):
+        from_dict(Outer, {"inner": {"sizes": [1, 2, 3]}})
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
+        load(Outer, tmp_path / "nope.yaml")
+
+
+def test_flatten_for_tracking():
+    flat = flatten(Outer())
+    assert flat["inner.threshold"] == 0.5 and flat["inner.sizes"] == [64, 36] and flat["name"] == "job"
