@@ -44,16 +44,19 @@ class ScoresConfig:
 class JobConfig:
     """How the Ray job runs (`job.*`). Scales with the cluster: raise the actor counts, nothing else."""
 
-    process_actors: int = 2
-    """CPU actors that read, probe, decode, split, score and encode sources (stage 1)."""
+    process_actors: int | None = None
+    """CPU actors that read, probe, decode, split, score and encode sources (stage 1); None = as many as
+    the cluster's CPUs hold (CPUs left after the open_clip actors' reservation, / process_cpus)."""
     process_cpus: float = 1.0
     """CPUs reserved per stage-1 actor."""
     clip_actors: int = 1
     """Actors running open_clip (stage 2)."""
     clip_num_gpus: float | None = None
     """GPUs per open_clip actor; None = 1 when the cluster has a GPU, else 0 (CPU)."""
-    clip_cpus: float = 1.0
-    """CPUs reserved per open_clip actor."""
+    clip_cpus: float | None = None
+    """CPUs reserved per open_clip actor; None = 1 when it runs on a GPU, else 0: on a CPU-only cluster it
+    shares the stage-1 actors' CPUs (a reservation would idle a whole stage-1 actor for a model that is
+    busy a few percent of the time)."""
     clip_sources_per_batch: int = 4
     """Sources whose sampled frames go through open_clip together."""
     clip_frame_side: int = 224
@@ -103,8 +106,10 @@ def validate(cfg: CurateConfig) -> None:
             raise ConfigError(
                 f"scores.clip.checkpoint: file not found: {clip.checkpoint!r} (open_clip {clip.model} weights)"
             )
-    if cfg.job.process_actors < 1 or cfg.job.clip_actors < 1:
-        raise ConfigError("job.process_actors and job.clip_actors must be >= 1")
+    if (cfg.job.process_actors is not None and cfg.job.process_actors < 1) or cfg.job.clip_actors < 1:
+        raise ConfigError("job.process_actors (or null = fill the cluster) and job.clip_actors must be >= 1")
+    if cfg.job.clip_cpus is not None and cfg.job.clip_cpus < 0:
+        raise ConfigError("job.clip_cpus must be >= 0 (or null = 1 with a GPU, else 0)")
     if cfg.job.clip_sources_per_batch < 1:
         raise ConfigError("job.clip_sources_per_batch must be >= 1")
     if cfg.job.source_timeout_s <= 0:

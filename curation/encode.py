@@ -32,8 +32,9 @@ class EncodeConfig:
     """Frame-rate cap; faster clips drop frames evenly (duration preserved)."""
     crf: int = 23
     """libx264 constant rate factor (0 lossless ... 51 worst; 18-28 is the usual range)."""
-    preset: str = "veryfast"
-    """libx264 preset (ultrafast ... veryslow): speed against size."""
+    preset: str = "superfast"
+    """libx264 preset (ultrafast ... veryslow): speed against size. superfast: ~1.6x faster than veryfast
+    for ~25% larger files at the same crf (measured on the shared clips); curation is encode-bound."""
     jpeg_quality: int = 90
     """Quality of the first-frame JPEG (1-100)."""
     threads: int = 0

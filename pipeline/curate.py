@@ -85,12 +85,22 @@ def init_ray(cfg: CurateConfig) -> None:
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **kwargs)
 
 
-def _clip_gpus(cfg: CurateConfig) -> float:
-    import ray
+def actor_resources(cfg: CurateConfig, cluster: dict[str, float]) -> dict[str, float]:
+    """Resolve the `job.*` sizes left at None against the cluster's resources.
 
-    if cfg.job.clip_num_gpus is not None:
-        return float(cfg.job.clip_num_gpus)
-    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    Returns clip_gpus, clip_cpus (per open_clip actor) and process_actors (stage-1 pool size, fixed so all
+    actors start together). Stage-1 actors get the CPUs that the open_clip actors do not reserve.
+    """
+    job = cfg.job
+    has_gpu = cluster.get("GPU", 0) >= 1
+    clip_gpus = float(job.clip_num_gpus) if job.clip_num_gpus is not None else (1.0 if has_gpu else 0.0)
+    clip_cpus = float(job.clip_cpus) if job.clip_cpus is not None else (1.0 if clip_gpus > 0 else 0.0)
+    if job.process_actors is not None:
+        process_actors = job.process_actors
+    else:
+        free = cluster.get("CPU", 1) - job.clip_actors * clip_cpus
+        process_actors = max(1, int(free // job.process_cpus))
+    return {"clip_gpus": clip_gpus, "clip_cpus": clip_cpus, "process_actors": process_actors}
 
 
 def build_stream(cfg: CurateConfig, todo: list[InputItem]):
@@ -99,6 +109,9 @@ def build_stream(cfg: CurateConfig, todo: list[InputItem]):
 
     from pipeline.stages import ProcessSources, ScoreClips, item_to_row
 
+    sizes = actor_resources(cfg, ray.cluster_resources())
+    log.info("stage-1 actors: %d x %g CPU; open_clip actors: %d x (%g CPU, %g GPU)", sizes["process_actors"],
+             cfg.job.process_cpus, cfg.job.clip_actors, sizes["clip_cpus"], sizes["clip_gpus"])
     ctx = ray.data.DataContext.get_current()
     # A worker that dies on a source (a native crash outside the decoder's own isolation) must not end the
     # job: the block is dropped and the driver records that source as an error after the stream.
@@ -115,18 +128,17 @@ def build_stream(cfg: CurateConfig, todo: list[InputItem]):
         fn_constructor_kwargs={"cfg": cfg},
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.job.process_actors),
+        compute=ray.data.ActorPoolStrategy(size=sizes["process_actors"]),
         num_cpus=cfg.job.process_cpus,
     )
-    gpus = _clip_gpus(cfg)
     ds = ds.map_batches(
         ScoreClips,
         fn_constructor_kwargs={"cfg": cfg},
         batch_size=cfg.job.clip_sources_per_batch,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.job.clip_actors),
-        num_gpus=gpus,
-        num_cpus=cfg.job.clip_cpus,
+        compute=ray.data.ActorPoolStrategy(size=cfg.job.clip_actors),
+        num_gpus=sizes["clip_gpus"],
+        num_cpus=sizes["clip_cpus"],
     )
     return ds
 

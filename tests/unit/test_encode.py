@@ -99,7 +99,7 @@ def test_faststart_is_byte_identical_to_ffmpeg(tmp_path):
         stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
         stream.time_base = 1 / rate
         stream.codec_context.thread_count = 1
-        stream.options = {"crf": "23", "preset": "veryfast"}
+        stream.options = {"crf": "23", "preset": EncodeConfig().preset}
         for i, f in enumerate(clip):
             frame = av.VideoFrame.from_ndarray(cv2.cvtColor(f, cv2.COLOR_RGB2YUV_I420), format="yuv420p")
             frame.pts, frame.time_base = i, 1 / rate
