@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from pipeline.local_cluster import ray_env, start_head
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_INPUT = REPO.parent / "shared" / "data" / "videos"
@@ -96,48 +95,8 @@ def run_scenedetect_cli(videos: list[Path], workers: int, out_dir: Path) -> tupl
     return time.perf_counter() - start, failures
 
 
-def start_ray_head(workers: int) -> tuple[str, float, subprocess.Popen]:
-    """Start a loopback Ray head with `workers` CPUs in its own process group (`ray start --block`).
-
-    Returns (address, seconds until it accepted connections, the process to stop).
-    """
-    port = _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # short: Ray's socket paths must stay short
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address",
-         "127.0.0.1", "--port", str(port), "--num-cpus", str(workers), "--include-dashboard", "false",
-         "--disable-usage-stats", "--temp-dir", temp_dir],
-        env=_ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"ray start exited with {proc.returncode}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return f"127.0.0.1:{port}", time.perf_counter() - start, proc
-        time.sleep(0.2)
-    stop_ray_head(proc)
-    raise SystemExit("the Ray head did not start within 120 s")
-
-
-def stop_ray_head(proc: subprocess.Popen) -> None:
-    """Stop the head this bench started and everything in its process group (never `ray stop`)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)  # --block: stops the processes it started
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def run_pipeline(input_dir: Path, out_dir: Path, address: str) -> tuple[float, dict]:
-    env = _ray_env() | {"RAY_ADDRESS": address, "PYTHONPATH": str(REPO)}
+    env = ray_env(RAY_ADDRESS=address, PYTHONPATH=str(REPO))
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pipeline.curate", "--input", str(input_dir),
                            "--output", str(out_dir)], env=env, cwd=REPO, capture_output=True, text=True)
@@ -145,17 +104,6 @@ def run_pipeline(input_dir: Path, out_dir: Path, address: str) -> tuple[float, d
     if proc.returncode != 0:
         raise SystemExit(f"(c) pipeline failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return elapsed, json.loads((out_dir / "stats.json").read_text())
-
-
-def _ray_env() -> dict[str, str]:
-    return dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
-                RAY_USAGE_STATS_ENABLED="0")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t_decode, frames = run_bare_decode(videos, args.workers)
         t_scd, scd_failures = run_scenedetect_cli(videos, args.workers, tmp / "scenedetect")
-        address, t_ray, head = start_ray_head(args.workers)
+        t0 = time.perf_counter()
+        head = start_head(num_cpus=args.workers)
+        t_ray = time.perf_counter() - t0
         try:
-            t_pipe, stats = run_pipeline(inputs, tmp / "curated", address)
+            t_pipe, stats = run_pipeline(inputs, tmp / "curated", head.address)
         finally:
-            stop_ray_head(head)
+            head.stop()
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

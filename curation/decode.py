@@ -65,7 +65,8 @@ class DecodeConfig:
     backend: str = "auto"
     """'auto' (decord, then PyAV when decord fails), 'decord' only, or 'pyav' only."""
     decoder_threads: int = 0
-    """Decoder threads (0 = the library default)."""
+    """Decoder threads (0 = the library default). The pipeline's stage-1 actors turn 0 into their CPU share
+    (job.process_cpus): their pool already fills every core."""
     batch_frames: int = 32
     """Frames fetched from decord per call (bounds the transient memory of one batch)."""
     scratch_dir: str | None = None

@@ -38,7 +38,8 @@ class EncodeConfig:
     jpeg_quality: int = 90
     """Quality of the first-frame JPEG (1-100)."""
     threads: int = 0
-    """libx264 threads per encoder; 0 lets x264 choose (about 1.5 per core)."""
+    """libx264 threads per encoder; 0 lets x264 choose (about 1.5 per core). The pipeline's stage-1 actors
+    turn 0 into their CPU share (job.process_cpus): their pool already fills every core."""
 
 
 def _even(n: float) -> int:

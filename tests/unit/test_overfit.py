@@ -36,59 +36,55 @@ def _clip() -> torch.Tensor:
 
 @pytest.mark.slow
 def test_tiny_unet_overfits_one_clip():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # op-overhead bound at this size; one thread is fastest on a shared CI box
-    try:
-        torch.manual_seed(0)
-        unet = I2VGenUNet(get_flavor("tiny"))
-        diffusion = GaussianDiffusion(DiffusionConfig())  # cosine, zero-terminal SNR, v, offset noise 0.1
-        g = torch.Generator().manual_seed(0)
-        x0 = _clip()
-        cond = {
-            "fps": torch.tensor([8]),
-            "image_latents": build_image_latents(x0[:, :, 0], FRAMES),
-            "image_embeddings": torch.randn(1, unet.cfg.image_embed_dim, generator=g),
-            "encoder_hidden_states": torch.randn(1, 77, unet.cfg.cross_attention_dim, generator=g),
-        }
+    torch.manual_seed(0)
+    unet = I2VGenUNet(get_flavor("tiny"))
+    diffusion = GaussianDiffusion(DiffusionConfig())  # cosine, zero-terminal SNR, v, offset noise 0.1
+    g = torch.Generator().manual_seed(0)
+    x0 = _clip()
+    cond = {
+        "fps": torch.tensor([8]),
+        "image_latents": build_image_latents(x0[:, :, 0], FRAMES),
+        "image_embeddings": torch.randn(1, unet.cfg.image_embed_dim, generator=g),
+        "encoder_hidden_states": torch.randn(1, 77, unet.cfg.cross_attention_dim, generator=g),
+    }
 
-        def batch(kwargs: dict, n: int) -> dict:
-            return {k: v.expand(n, *v.shape[1:]) for k, v in kwargs.items()}
+    def batch(kwargs: dict, n: int) -> dict:
+        return {k: v.expand(n, *v.shape[1:]) for k, v in kwargs.items()}
 
-        eval_t = torch.linspace(0, 999, 32).round().long()
-        eval_noise = diffusion.sample_noise((32, 4, FRAMES, H, W), generator=g)
+    eval_t = torch.linspace(0, 999, 32).round().long()
+    eval_noise = diffusion.sample_noise((32, 4, FRAMES, H, W), generator=g)
 
-        def v_loss(t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-            x = x0.expand(len(t), -1, -1, -1, -1)
-            pred = unet(diffusion.add_noise(x, noise, t), t, **batch(cond, len(t)))
-            return (pred - diffusion.v_target(x, noise, t)).square().mean()
+    def v_loss(t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        x = x0.expand(len(t), -1, -1, -1, -1)
+        pred = unet(diffusion.add_noise(x, noise, t), t, **batch(cond, len(t)))
+        return (pred - diffusion.v_target(x, noise, t)).square().mean()
 
-        def evaluate() -> float:
-            unet.eval()
-            with torch.no_grad():
-                loss = v_loss(eval_t, eval_noise).item()
-            unet.train()
-            return loss
+    def evaluate() -> float:
+        unet.eval()
+        with torch.no_grad():
+            loss = v_loss(eval_t, eval_noise).item()
+        unet.train()
+        return loss
 
-        opt = torch.optim.AdamW(unet.parameters(), lr=2e-3, weight_decay=0.0)
-        start = evaluate()
-        curve, t0 = [(0, start)], time.perf_counter()
-        for step in range(1, MAX_STEPS + 1):
-            t = diffusion.sample_timesteps(BATCH, generator=g)
-            noise = diffusion.sample_noise((BATCH, 4, FRAMES, H, W), generator=g)
-            loss = v_loss(t, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step % EVAL_EVERY == 0:
-                curve.append((step, evaluate()))
-                if curve[-1][1] <= (1 - TARGET_DROP) * start:
-                    break
-        seconds = time.perf_counter() - t0
-        end = curve[-1][1]
-        drop = 1 - end / start
-        print(f"\noverfit: v-loss {start:.4f} -> {end:.4f} ({100 * drop:.1f}% drop) in {curve[-1][0]} steps, "
-              f"{seconds:.1f} s; curve {[(s, round(v, 4)) for s, v in curve]}")
-        assert start > 0.5  # the untrained model is really wrong (v has unit variance here)
-        assert drop >= TARGET_DROP, f"v-loss fell only {100 * drop:.1f}% in {MAX_STEPS} steps: {curve}"
-    finally:
-        torch.set_num_threads(threads)
+    opt = torch.optim.AdamW(unet.parameters(), lr=2e-3, weight_decay=0.0)
+    start = evaluate()
+    curve, t0 = [(0, start)], time.perf_counter()
+    for step in range(1, MAX_STEPS + 1):
+        t = diffusion.sample_timesteps(BATCH, generator=g)
+        noise = diffusion.sample_noise((BATCH, 4, FRAMES, H, W), generator=g)
+        loss = v_loss(t, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % EVAL_EVERY == 0:
+            curve.append((step, evaluate()))
+            if curve[-1][1] <= (1 - TARGET_DROP) * start:
+                break
+    seconds = time.perf_counter() - t0
+    end = curve[-1][1]
+    drop = 1 - end / start
+    print(f"\noverfit: v-loss {start:.4f} -> {end:.4f} ({100 * drop:.1f}% drop) in {curve[-1][0]} steps, "
+          f"{seconds:.1f} s; curve {[(s, round(v, 4)) for s, v in curve]}")
+    assert start > 0.5  # the untrained model is really wrong (v has unit variance here)
+    assert drop >= TARGET_DROP, f"v-loss fell only {100 * drop:.1f}% in {MAX_STEPS} steps: {curve}"
+

@@ -60,7 +60,9 @@ def test_loading_transnet_leaves_torch_global_state_alone():
     import torch
 
     before = (torch.are_deterministic_algorithms_enabled(), torch.get_rng_state())
-    SecondOpinion(ShotConfig())
+    opinion = SecondOpinion(ShotConfig(transnet_weights=None))
+    assert opinion._scorer is None  # the model loads on first use, not at construction
+    assert opinion.scorer.model is not None
     assert torch.are_deterministic_algorithms_enabled() == before[0]
     assert torch.equal(torch.get_rng_state(), before[1])
 

@@ -1,0 +1,101 @@
+"""A loopback Ray head that this process starts and stops itself (integration tests, benchmarks).
+
+`ray start --head --block` runs in the foreground in its own process group; `stop()` interrupts it (it
+then stops the processes it started) and kills whatever is left of that process group. Never `ray stop`:
+it would stop every Ray on the machine, other users' included.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ray_env(**extra: str) -> dict[str, str]:
+    """This environment with loopback-only, telemetry-free Ray, this venv first on PATH, no RAY_ADDRESS."""
+    env = dict(os.environ)
+    env.update(RAY_ENV, PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", **extra)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@dataclass
+class LocalHead:
+    """A running head: `address` (GCS, for RAY_ADDRESS), `dashboard` (http URL, for `ray job submit`)."""
+
+    address: str
+    dashboard: str | None
+    env: dict[str, str]
+    proc: subprocess.Popen = field(repr=False)
+    temp_dir: str = ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # --block: stops the processes it started
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # whatever is left of OUR process group (ray start ran in its own session)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def start_head(num_cpus: int = 2, dashboard: bool = False, env: dict[str, str] | None = None,
+               cwd: str | Path | None = None, timeout: float = 120) -> LocalHead:
+    """Start a head on 127.0.0.1 with `num_cpus` CPUs and no GPU; returns once it accepts connections."""
+    env = env if env is not None else ray_env()
+    port = free_port()
+    dash_port = free_port() if dashboard else None
+    # short temp dir: Ray's unix socket paths must stay under ~107 characters
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+           "--port", str(port), "--num-cpus", str(num_cpus), "--num-gpus", "0", "--disable-usage-stats",
+           "--temp-dir", temp_dir]
+    if dashboard:
+        cmd += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port)]
+    else:
+        cmd += ["--include-dashboard", "false"]
+    with open(Path(temp_dir) / "ray_start.log", "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    head = LocalHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}" if dashboard else None, env, proc,
+                     temp_dir)
+    try:
+        _wait_port(port, proc, timeout)
+        if dash_port is not None:
+            _wait_port(dash_port, proc, timeout)
+    except BaseException:
+        head.stop()
+        raise
+    return head
