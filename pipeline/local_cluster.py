@@ -29,10 +29,11 @@ def free_port() -> int:
 
 
 def ray_env(**extra: str) -> dict[str, str]:
-    """This environment with loopback-only, telemetry-free Ray, this venv first on PATH, no RAY_ADDRESS."""
+    """This environment with loopback-only, telemetry-free Ray and this venv first on PATH; RAY_ADDRESS only
+    when given in `extra`."""
     env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)  # only an explicit extra RAY_ADDRESS=... points a driver at a cluster
     env.update(RAY_ENV, PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", **extra)
-    env.pop("RAY_ADDRESS", None)
     return env
 
 

@@ -159,6 +159,24 @@ def test_stage1_guard_turns_a_slow_source_into_an_error_row(cfg, video):
     assert decode_payload(out["payload"][0]).source_row["status"] == "ok"
 
 
+def test_stage1_actor_sizes_library_thread_counts_to_its_cpus(cfg):
+    """Automatic decoder/x264 thread counts (0) become the actor's CPU share; explicit ones are kept."""
+    import dataclasses
+
+    from pipeline.stages import ProcessSources
+
+    auto = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, decoder_threads=0),
+                               encode=dataclasses.replace(cfg.encode, threads=0),
+                               job=dataclasses.replace(cfg.job, process_cpus=2.0))
+    stage = ProcessSources(auto)
+    assert (stage.cfg.decode.decoder_threads, stage.cfg.encode.threads) == (2, 2)
+    assert (auto.decode.decoder_threads, auto.encode.threads) == (0, 0)  # the caller's config is untouched
+    explicit = dataclasses.replace(auto, decode=dataclasses.replace(cfg.decode, decoder_threads=3),
+                                   encode=dataclasses.replace(cfg.encode, threads=4))
+    stage = ProcessSources(explicit)
+    assert (stage.cfg.decode.decoder_threads, stage.cfg.encode.threads) == (3, 4)
+
+
 def test_cli_config_mistakes_fail_early_with_the_field_named(tmp_path, capsys):
     from pipeline.curate import main
 
