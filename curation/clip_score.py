@@ -21,6 +21,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,9 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common.configtree import ConfigError  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 # torch and open_clip are imported where they are used: this module's config and helpers are imported by
 # the driver and by every stage-1 actor, which never build a CLIP (importing both costs ~3 s of start-up).
