@@ -191,7 +191,10 @@ def _assert_same_tables(a, b):
 def test_killed_then_resumed_run_equals_uninterrupted(ray_cluster, inputs, full_run, tmp_path):
     out = tmp_path / "out"
     env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["address"]}
-    proc = subprocess.Popen(_curate_cmd(inputs["folder"], out), env=env, cwd=REPO,
+    # One stage-1 actor and one source per open_clip batch: sources reach staging one by one, so the kill
+    # lands mid-run however fast the machine is (job.* settings may differ between a run and its resume).
+    slow = ["job.process_actors=1", "job.clip_sources_per_batch=1"]
+    proc = subprocess.Popen(_curate_cmd(inputs["folder"], out, slow), env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     n_inputs = len([p for p in inputs["folder"].iterdir() if p.suffix in (".mp4", ".jpg")])
     deadline = time.monotonic() + 180
@@ -201,7 +204,7 @@ def test_killed_then_resumed_run_equals_uninterrupted(ray_cluster, inputs, full_
             staged = list((out / "staging").glob("*.parquet")) if (out / "staging").is_dir() else []
             if len(staged) >= 1:
                 break
-            time.sleep(0.2)
+            time.sleep(0.05)
         assert proc.poll() is None, "the run finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
