@@ -235,26 +235,34 @@ class ClipScorer:
                 out.append(self.model.encode_text(tokens, normalize=True).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim or 0), np.float32)
 
+    def embed_clips(self, clip_frames: list[np.ndarray]) -> list[np.ndarray | None]:
+        """Per clip, the (k_i, D) embeddings of its sampled frames (None for a clip without frames).
+
+        Frames of all clips of one size go through the model together (sources differ in size)."""
+        out: list[np.ndarray | None] = [None] * len(clip_frames)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, frames in enumerate(clip_frames):
+            if len(frames):
+                by_shape.setdefault(tuple(frames.shape[1:]), []).append(i)
+        for group in by_shape.values():
+            emb = self.embed_images(np.concatenate([clip_frames[i] for i in group]))
+            offset = 0
+            for i in group:
+                out[i] = emb[offset : offset + len(clip_frames[i])]
+                offset += len(clip_frames[i])
+        return out
+
     def score_clips(self, clip_frames: list[np.ndarray], captions: list[str | None]) -> list[float]:
         """Similarity per clip: `clip_frames[i]` holds that clip's sampled frames (k_i, H, W, 3), all of one
         size per source. A clip without caption or frames -> NaN."""
         if len(clip_frames) != len(captions):
             raise ValueError("score_clips: one caption per clip")
-        has_text = [bool(c and str(c).strip()) and len(f) > 0 for c, f in zip(captions, clip_frames)]
-        idx = [i for i, ok in enumerate(has_text) if ok]
+        idx = [i for i, (c, f) in enumerate(zip(captions, clip_frames)) if c and str(c).strip() and len(f) > 0]
         scores = [float("nan")] * len(captions)
         if not idx:
             return scores
         text_emb = self.embed_texts([str(captions[i]) for i in idx])
-        # Frames of all clips of one size go through the model together (sources differ in size).
-        by_shape: dict[tuple, list[int]] = {}
+        image_emb = self.embed_clips([clip_frames[i] for i in idx])
         for j, i in enumerate(idx):
-            by_shape.setdefault(tuple(clip_frames[i].shape[1:]), []).append(j)
-        for group in by_shape.values():
-            image_emb = self.embed_images(np.concatenate([clip_frames[idx[j]] for j in group]))
-            offset = 0
-            for j in group:
-                k = len(clip_frames[idx[j]])
-                scores[idx[j]] = clip_similarity(image_emb[offset : offset + k], text_emb[j])
-                offset += k
+            scores[i] = clip_similarity(image_emb[j], text_emb[j])
         return scores

@@ -140,19 +140,12 @@ class ScoreClips:
         if rows and len(frames) == len(rows):
             caption = rows[0].get("caption") or ""
             text = self.scorer.embed_texts([caption])[0] if caption.strip() else None
-            by_shape: dict[tuple, list[int]] = {}
-            for i, f in enumerate(frames):
-                if len(f):
-                    by_shape.setdefault(tuple(f.shape[1:]), []).append(i)
-            for group in by_shape.values():
-                emb = self.scorer.embed_images(np.concatenate([frames[i] for i in group]))
-                offset = 0
-                for i in group:
-                    e = emb[offset : offset + len(frames[i])]
-                    offset += len(frames[i])
-                    rows[i][CLIP_SIMILARITY] = self._clip_similarity(e, text) if text is not None else float("nan")
-                    if self.head is not None:
-                        rows[i]["aesthetic"] = float(self.head(e))
+            for row, emb in zip(rows, self.scorer.embed_clips(frames)):
+                if emb is None:
+                    continue  # no frames: the row keeps no similarity (a missing-score rejection)
+                row[CLIP_SIMILARITY] = self._clip_similarity(emb, text) if text is not None else float("nan")
+                if self.head is not None:
+                    row["aesthetic"] = float(self.head(emb))
         result.clip_frames = []
         result.source_row["_clip_random_weights"] = bool(self.scorer.random_weights)
         result.source_row.setdefault("_timing", {})["clip_s"] = time.perf_counter() - t0
