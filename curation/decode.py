@@ -4,41 +4,44 @@ One decode of the source feeds every later stage: `small` frames (detect_width w
 and motion, `frames` at work size (long side <= work_max_side) for scoring and encoding. The frame count
 is what the decoder actually returned (headers lie), timestamps come from frame pts.
 
-Backends. decord (the project's decoder) is tried first. It fails on files whose header promises more
-than the file holds (a truncated faststart mp4: it builds its frame index from the header, then
-`av_read_frame` fails mid-way and no frame comes back) and on codecs its bundled FFmpeg 4.1 lacks (AV1).
-For those the decode restarts with PyAV, which decodes sequentially, skips undecodable packets (counted in
-`bad_frames`) and keeps every frame that does decode.
+Backends. PyAV (default) decodes sequentially, keeps frames in YUV and scales the planes with OpenCV;
+packets that fail to decode are skipped and counted in `bad_frames`, every frame that decodes is kept (a
+truncated file gives what it holds). decord returns only RGB (swscale converts at full size, then scales):
+about 2x the CPU per frame here, so it is the fallback ('auto') or chosen explicitly ('decord').
 
 Isolation. A decoder is C code: it can segfault, abort or block forever on hostile input. By default the
-decode runs in a forked child (os.fork via multiprocessing 'fork': starts in milliseconds, needs no
-re-import; the child only runs decoder code, so locks held by the caller's other threads, e.g. a Ray
-worker's gRPC threads, are never touched). 'forkserver' is available but multiprocessing makes every
-forkserver child re-import the caller's __main__ (seconds under `python -m pipeline.curate`, an error in
-unguarded scripts), so it is not the default. The child writes raw frames into
-a scratch folder (tmpfs /dev/shm when available) and the parent maps them back without another copy. A
-child that runs past `timeout_s` is SIGKILLed (`SourceError('decode timed out after N s')`); one that dies
-from a signal becomes `SourceError('decoder crashed (SIGSEGV)')`. `isolation="none"` decodes in-process
-(no timeout, no crash protection) for callers that are already isolated.
+decode runs in the caller's decoder process (curation/decode_worker.py): a clean interpreter started once
+per caller, fed one source at a time through a pipe. It writes raw frames into a scratch folder (tmpfs
+/dev/shm when available) and the caller maps them back without another copy. A decode that runs past
+`timeout_s` gets the process SIGKILLed (`SourceError('decode timed out after N s')`); a process that dies
+from a signal becomes `SourceError('decoder crashed (SIGSEGV)')`. Either way the next source starts a new
+one. `isolation="none"` decodes in-process (no timeout, no crash protection) for callers that are already
+isolated.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
-import multiprocessing as mp
 import os
+import select
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from curation.decode_backends import _decode_into, _FileSink, _MemorySink, small_size, work_size  # noqa: F401
 from curation.errors import SourceError
+from curation.frames import YuvFrames
 from curation.probe import ProbeInfo, Source, probe
 
-ISOLATION_MODES = ("forkserver", "fork", "none")
+ISOLATION_MODES = ("process", "none")
 BACKENDS = ("auto", "decord", "pyav")
 
 
@@ -48,8 +51,9 @@ class DecodeConfig:
 
     detect_width: int = 128
     """Width of the small frames used for shot detection and motion (even; height keeps aspect, even)."""
-    work_max_side: int = 640
-    """Long side of the frames kept for scoring and encoding (even sizes; never upscales)."""
+    work_max_side: int = 512
+    """Long side of the frames kept for scoring and encoding (even sizes; never upscales). Keep it equal to
+    encode.max_side: larger costs a resize of every encoded frame, smaller loses resolution."""
     max_memory_mb: int = 2048
     """If work-size frames would exceed this, keep only `small` (frames=None); the pipeline then
     re-decodes kept ranges with decode_range()."""
@@ -60,11 +64,11 @@ class DecodeConfig:
     which is several times cheaper on HD sources (detection-only callers, benchmarks, tests)."""
     max_frames: int = 200_000
     """A source that decodes to more frames than this is rejected (SourceError), never silently cut."""
-    isolation: str = "fork"
-    """Where the decoder runs: 'fork' (forked child, default), 'forkserver' (child of a clean server;
-    re-imports the caller's __main__ per child) or 'none' (in-process: no timeout, no crash protection)."""
+    isolation: str = "process"
+    """Where the decoder runs: 'process' (the caller's killable decoder process, default) or 'none'
+    (in-process: no timeout, no crash protection)."""
     backend: str = "auto"
-    """'auto' (decord, then PyAV when decord fails), 'decord' only, or 'pyav' only."""
+    """'auto' (PyAV, then decord when PyAV fails or decodes nothing), 'pyav' only, or 'decord' only."""
     decoder_threads: int = 0
     """Decoder threads (0 = the library default). The pipeline's stage-1 actors turn 0 into their CPU share
     (job.process_cpus): their pool already fills every core."""
@@ -104,8 +108,9 @@ class DecodedVideo:
     """(N,) float64 seconds from frame pts."""
     small: np.ndarray
     """(N, hs, ws, 3) uint8 RGB, ws = detect_width: for shot detection and motion."""
-    frames: np.ndarray | None
-    """(N, H', W', 3) uint8 RGB at work size, or None when over max_memory_mb."""
+    frames: YuvFrames | None
+    """N frames at work size as I420 (curation/frames.py; `.rgb()` converts), or None when over
+    max_memory_mb."""
     bad_frames: int
     """Packets/frames the decoder reported corrupt and skipped."""
     backend: str = "decord"
@@ -155,57 +160,64 @@ def _sweep_stale(root: str) -> None:
             pass  # alive but not ours
 
 
-def _inject(kind: str | None) -> None:
-    """Test-only fault injection inside the child: 'hang' blocks in C (libc pause), 'crash' segfaults."""
-    if kind == "hang":
-        import ctypes
+class _DecoderProcess:
+    """The caller's decoder process (curation/decode_worker.py): started on first use, restarted after a
+    timeout or crash, one job at a time (a lock: Ray actors may call from a watchdog thread)."""
 
-        ctypes.CDLL(None).pause()
-    elif kind == "crash":
-        import ctypes
-        import faulthandler
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.lock = threading.Lock()
 
-        faulthandler.disable()  # the caller's (pytest's) handler would print a traceback for the test
-        ctypes.string_at(0)
+    def _start(self) -> subprocess.Popen:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        return subprocess.Popen([sys.executable, "-m", "curation.decode_worker"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, env=env, bufsize=0, close_fds=True)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def run(self, job: dict, timeout_s: float) -> dict:
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self.proc = self._start()
+            proc = self.proc
+            try:
+                proc.stdin.write((json.dumps(job) + "\n").encode())
+                line = _read_line(proc.stdout.fileno(), time.monotonic() + timeout_s)
+            except BrokenPipeError:
+                line = b""
+            if line is None:
+                self.kill()
+                raise SourceError(f"decode timed out after {timeout_s:g} s")
+            if not line.endswith(b"\n"):  # EOF: the process died in the middle of this source
+                code = proc.wait()
+                self.proc = None
+                if code < 0:
+                    raise SourceError(f"decoder crashed ({signal.Signals(-code).name})")
+                raise SourceError(f"decoder exited with code {code} and no result")
+            return json.loads(line)
 
 
-def _child_main(job: dict) -> None:
-    """Child entry point: decode, write frames + meta.json into job['folder'], exit."""
-    folder = job["folder"]
-    try:
-        _inject(job.get("inject"))
-        cfg = DecodeConfig(**job["cfg"])
-        info = ProbeInfo(**job["info"]) if job["info"] else probe(job["src"])
-        sink = _FileSink(folder, keep_work=job["keep_work"])
-        ts, bad, backend = _decode_into(job["src"], cfg, info, sink, job["start"], job["end"], job["small"])
-        sink.close()
-        meta = {"ok": True, "info": asdict(info), "count": sink.count, "keep_work": sink.keep_work,
-                "bad": bad, "backend": backend}
-        np.save(os.path.join(folder, "ts.npy"), ts)
-    except SourceError as exc:
-        meta = {"ok": False, "error": str(exc)}
-    except Exception as exc:  # any other failure of a decoder library is a property of this source
-        meta = {"ok": False, "error": f"decode failed: {type(exc).__name__}: {exc}"}
-    tmp = os.path.join(folder, "meta.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f)
-    os.replace(tmp, os.path.join(folder, "meta.json"))
+def _read_line(fd: int, deadline: float) -> bytes | None:
+    """One line from `fd` (b'...' without a newline at EOF), or None when `deadline` passes first."""
+    buf = b""
+    while not buf.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return buf
+        buf += chunk
+    return buf
 
 
-_PRELOAD_SET = False
-
-
-def _context(mode: str):
-    global _PRELOAD_SET
-    if mode == "fork":
-        return mp.get_context("fork")
-    ctx = mp.get_context("forkserver")
-    if not _PRELOAD_SET:
-        # Import decoders once in the server (children start in ms); replaces the default ['__main__'],
-        # so the server never re-imports the caller's main module (a Ray worker, pytest ...).
-        ctx.set_forkserver_preload(["curation.decode", "decord", "av", "PIL.Image"])
-        _PRELOAD_SET = True
-    return ctx
+_DECODER = _DecoderProcess()
+atexit.register(_DECODER.kill)
 
 
 def _map(path: str, shape: tuple) -> np.ndarray:
@@ -219,7 +231,9 @@ def _run(src: Source, cfg: DecodeConfig, info: ProbeInfo | None, *, start=0, end
          keep_work=True, inject=None):
     """Decode in the configured isolation; returns (info, small, work, timestamps, bad, backend)."""
     if cfg.isolation == "none":
-        _inject(inject)
+        from curation.decode_worker import inject as inject_fault
+
+        inject_fault(inject)
         info = info or probe(src)
         if isinstance(src, (bytes, bytearray, memoryview)):
             return _run_isolated_bytes_inprocess(src, cfg, info, start, end, small, keep_work)
@@ -244,21 +258,7 @@ def _run(src: Source, cfg: DecodeConfig, info: ProbeInfo | None, *, start=0, end
         job = {"src": os.fspath(src), "cfg": asdict(cfg), "info": asdict(info) if info else None,
                "folder": folder, "start": start, "end": end, "small": small, "keep_work": keep_work,
                "inject": inject}
-        proc = _context(cfg.isolation).Process(target=_child_main, args=(job,), daemon=True)
-        proc.start()
-        proc.join(cfg.timeout_s)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-            raise SourceError(f"decode timed out after {cfg.timeout_s:g} s")
-        meta_path = os.path.join(folder, "meta.json")
-        if not os.path.exists(meta_path):
-            code = proc.exitcode
-            if code is not None and code < 0:
-                raise SourceError(f"decoder crashed ({signal.Signals(-code).name})")
-            raise SourceError(f"decoder exited with code {code} and no result")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = _DECODER.run(job, cfg.timeout_s)
         if not meta["ok"]:
             raise SourceError(meta["error"])
         info = ProbeInfo(**meta["info"])
@@ -266,7 +266,7 @@ def _run(src: Source, cfg: DecodeConfig, info: ProbeInfo | None, *, start=0, end
         ww, wh = work_size(info.width, info.height, cfg)
         ws, hs = small_size(info.width, info.height, cfg)
         s = _map(os.path.join(folder, "small.raw"), (n, hs, ws, 3) if small else (n, 0, 0, 3))
-        w = _map(os.path.join(folder, "work.raw"), (n, wh, ww, 3)) if meta["keep_work"] else None
+        w = _map(os.path.join(folder, "work.raw"), (n, wh * 3 // 2, ww)) if meta["keep_work"] else None
         ts = np.load(os.path.join(folder, "ts.npy"))
         return info, s, w, ts, meta["bad"], meta["backend"]
     finally:
@@ -296,7 +296,7 @@ def decode_video(src: Source, cfg: DecodeConfig, probe_info: ProbeInfo | None = 
     if keep and info is not None:
         ww, wh = work_size(info.width, info.height, cfg)
         est = info.header_frames or int((info.duration_s or 0) * (info.fps or 0))
-        keep = est * ww * wh * 3 <= cfg.max_memory_mb * 2**20
+        keep = est * ww * wh * 3 // 2 <= cfg.max_memory_mb * 2**20
     info, small, work, ts, bad, backend = _run(src, cfg, info, keep_work=keep, inject=_inject)
     n = len(small)
     if n == 0:
@@ -306,11 +306,12 @@ def decode_video(src: Source, cfg: DecodeConfig, probe_info: ProbeInfo | None = 
         d = np.diff(ts)
         fps = float(1.0 / np.median(d)) if len(d) and np.median(d) > 0 else 25.0
     return DecodedVideo(fps=fps, width=info.width, height=info.height, num_frames=n, timestamps=ts,
-                        small=small, frames=work, bad_frames=bad, backend=backend)
+                        small=small, frames=None if work is None else YuvFrames(work), bad_frames=bad,
+                        backend=backend)
 
 
 def decode_range(src: Source, start: int, end: int, cfg: DecodeConfig,
-                 probe_info: ProbeInfo | None = None) -> np.ndarray:
+                 probe_info: ProbeInfo | None = None) -> YuvFrames:
     """Frames [start, end) at work size (the fallback when decode_video kept only `small`).
 
     Indices are decoded-frame indices, the same as decode_video's. Returns fewer frames when the source
@@ -319,6 +320,6 @@ def decode_range(src: Source, start: int, end: int, cfg: DecodeConfig,
     if start < 0 or end < start:
         raise ValueError(f"decode_range: bad range [{start}, {end})")
     if end == start:
-        return np.zeros((0, 2, 2, 3), np.uint8)
+        return YuvFrames(np.zeros((0, 3, 2), np.uint8))
     _, _, work, _, _, _ = _run(src, cfg, probe_info, start=start, end=end, small=False, keep_work=True)
-    return work
+    return YuvFrames(work)

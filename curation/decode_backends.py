@@ -1,7 +1,9 @@
-"""Decoding backends behind curation.decode: frame sizes, frame sinks, decord and PyAV passes.
+"""Decoding backends behind curation.decode: frame sizes, frame sinks, PyAV and decord passes.
 
-Everything here runs inside the decoder child (see curation/decode.py for the isolation around it): it
-must not use OpenCV, whose thread pool inherited through fork deadlocks in the child.
+Both passes hand the sink work-size frames as I420 (curation/frames.py) and detect-size frames as RGB.
+PyAV (the default) keeps decoded frames in YUV and scales the planes with OpenCV: ~2x less CPU than decord,
+which can only return RGB (converted by swscale at full size, then scaled). decord stays as a backend.
+This runs inside the decoder process (curation/decode_worker.py), a clean process where OpenCV is safe.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from curation.errors import SourceError
+from curation.frames import i420_to_rgb, pack_i420, rgb_to_i420
 from curation.probe import ProbeInfo, open_container
 
 if TYPE_CHECKING:
@@ -67,7 +70,7 @@ class _MemorySink:
         small = np.concatenate(self.small) if self.small else np.zeros((0, hs, ws, 3), np.uint8)
         work = None
         if self.keep_work:
-            work = np.concatenate(self.work) if self.work else np.zeros((0, wh, ww, 3), np.uint8)
+            work = np.concatenate(self.work) if self.work else np.zeros((0, wh * 3 // 2, ww), np.uint8)
         return small, work
 
 
@@ -111,22 +114,10 @@ class _FileSink:
 
 
 def _to_small(work: np.ndarray, ws: int, hs: int) -> np.ndarray:
-    """Area (box) downscale of a batch. Pillow, not OpenCV: this runs in a forked child, and OpenCV's
-    thread pool inherited from a parent that already used cv2 deadlocks there (seen in tests)."""
-    from PIL import Image
-
-    if work.shape[1:3] == (hs, ws):
-        return work  # decoded straight at detect size
-    h, w = work.shape[1:3]
-    factor = min(w // ws, h // hs)  # integer box reduce first: 2.5x faster than a fractional resize
+    """(B, H*3/2, W) I420 batch -> (B, hs, ws, 3) RGB detection frames (scaled in YUV, then converted)."""
     out = np.empty((len(work), hs, ws, 3), np.uint8)
     for i, f in enumerate(work):
-        img = Image.fromarray(f)
-        if factor >= 2:
-            img = img.reduce(factor)
-        if img.size != (ws, hs):
-            img = img.resize((ws, hs), Image.BOX)
-        out[i] = np.asarray(img)
+        out[i] = i420_to_rgb(f, ws, hs)
     return out
 
 
@@ -152,9 +143,10 @@ def _decode_decord(src, cfg, info: ProbeInfo, sink, sizes, budget_frames, start=
         stamps = []
         for i in range(start, stop, cfg.batch_frames):
             idx = list(range(i, min(stop, i + cfg.batch_frames)))
-            work = vr.get_batch(idx).asnumpy()
-            if work.shape[1:3] != (wh, ww):
-                raise _DecordFailed(f"decord returned frames of {work.shape[2]}x{work.shape[1]}, wanted {ww}x{wh}")
+            rgb = vr.get_batch(idx).asnumpy()
+            if rgb.shape[1:3] != (wh, ww):
+                raise _DecordFailed(f"decord returned frames of {rgb.shape[2]}x{rgb.shape[1]}, wanted {ww}x{wh}")
+            work = np.stack([rgb_to_i420(f) for f in rgb])
             stamps.append(vr.get_frame_timestamp(idx)[:, 0].astype(np.float64))
             _add(sink, work, ws, hs, cfg, budget_frames)
     except (_DecordFailed, SourceError):
@@ -162,6 +154,20 @@ def _decode_decord(src, cfg, info: ProbeInfo, sink, sizes, budget_frames, start=
     except Exception as exc:  # decord raises RuntimeError / DECORDError with multi-line C++ messages
         raise _DecordFailed(" ".join(str(exc).split())[:200]) from None
     return (np.concatenate(stamps) if stamps else np.zeros(0)), 0
+
+
+def _frame_to_i420(frame, ww: int, wh: int, out: np.ndarray) -> None:
+    """One PyAV VideoFrame -> `out` (wh * 3/2, ww) I420. 8-bit yuv420p (nearly every H.264/VP9/AV1 file)
+    takes the fast path: zero-copy plane views scaled by OpenCV. Other formats (10-bit, 4:2:2, 4:4:4,
+    full-range yuvj, RGB) go through swscale, which also converts range and depth correctly."""
+    if frame.format.name != "yuv420p":
+        frame = frame.reformat(width=ww, height=wh, format="yuv420p")
+    planes = []
+    for k, plane in enumerate(frame.planes):
+        w = frame.width if k == 0 else (frame.width + 1) // 2
+        h = frame.height if k == 0 else (frame.height + 1) // 2
+        planes.append(np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:h, :w])
+    pack_i420(*planes, ww, wh, out=out)
 
 
 def _decode_pyav(src, cfg, info: ProbeInfo, sink, sizes, budget_frames, start=0, end=None):
@@ -172,7 +178,8 @@ def _decode_pyav(src, cfg, info: ProbeInfo, sink, sizes, budget_frames, start=0,
     stamps: list[float] = []
     bad = 0
     index = 0
-    batch: list[np.ndarray] = []
+    batch = np.empty((cfg.batch_frames, wh * 3 // 2, ww), np.uint8)
+    filled = 0
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -193,16 +200,17 @@ def _decode_pyav(src, cfg, info: ProbeInfo, sink, sizes, budget_frames, start=0,
                 continue
             for frame in decoded:
                 if index >= start and (end is None or index < end):
-                    batch.append(frame.to_ndarray(format="rgb24", width=ww, height=wh))
+                    _frame_to_i420(frame, ww, wh, batch[filled])
+                    filled += 1
                     stamps.append(float(frame.time) if frame.time is not None else index / fps)
-                    if len(batch) >= cfg.batch_frames:
-                        _add(sink, np.stack(batch), ws, hs, cfg, budget_frames)
-                        batch = []
+                    if filled == len(batch):
+                        _add(sink, batch.copy(), ws, hs, cfg, budget_frames)
+                        filled = 0
                 index += 1
             if end is not None and index >= end:
                 break
-        if batch:
-            _add(sink, np.stack(batch), ws, hs, cfg, budget_frames)
+        if filled:
+            _add(sink, batch[:filled].copy(), ws, hs, cfg, budget_frames)
     finally:
         container.close()
     return np.asarray(stamps, np.float64), bad
@@ -221,19 +229,27 @@ def _decode_into(src, cfg, info, sink, start=0, end=None, small=True):
     ww, wh = work_size(info.width, info.height, cfg)
     ws, hs = small_size(info.width, info.height, cfg) if small else (0, 0)
     # decode_range (small=False) returns a caller-bounded range: no memory fallback there
-    budget = max(0, cfg.max_memory_mb) * 2**20 // (ww * wh * 3) if small else cfg.max_frames
+    budget = max(0, cfg.max_memory_mb) * 2**20 // (ww * wh * 3 // 2) if small else cfg.max_frames
     keep = sink.keep_work
     if small and not keep:
         ww, wh = ws, hs  # nothing kept at work size: let the decoder scale straight to detect size
     sizes = (ww, wh, ws, hs)
-    if cfg.backend in ("auto", "decord"):
+    pyav_error = None
+    if cfg.backend in ("auto", "pyav"):
         try:
-            ts, bad = _decode_decord(src, cfg, info, sink, sizes, budget, start, end)
-            if sink.count > 0 or cfg.backend == "decord":
-                return ts, bad, "decord"
-        except _DecordFailed as exc:
-            if cfg.backend == "decord":
-                raise SourceError(f"decord failed: {exc}") from None
+            ts, bad = _decode_pyav(src, cfg, info, sink, sizes, budget, start, end)
+            if sink.count > 0 or cfg.backend == "pyav":
+                return ts, bad, "pyav"
+        except SourceError:
+            raise
+        except Exception as exc:  # a library failure: decord (its own FFmpeg build) gets a try in 'auto'
+            pyav_error = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            if cfg.backend == "pyav":
+                raise SourceError(f"PyAV failed: {pyav_error}") from None
         sink.reset(keep)
-    ts, bad = _decode_pyav(src, cfg, info, sink, sizes, budget, start, end)
-    return ts, bad, "pyav"
+    try:
+        ts, bad = _decode_decord(src, cfg, info, sink, sizes, budget, start, end)
+    except _DecordFailed as exc:
+        first = f"PyAV failed: {pyav_error}; " if pyav_error else ""
+        raise SourceError(f"{first}decord failed: {exc}") from None
+    return ts, bad, "decord"

@@ -21,6 +21,8 @@ import av
 import cv2
 import numpy as np
 
+from curation.frames import YuvFrames
+
 
 @dataclass
 class EncodeConfig:
@@ -46,6 +48,12 @@ def _even(n: float) -> int:
     return max(2, int(n) // 2 * 2)
 
 
+def fit_max_side(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """(h, w) with the longest side <= max_side, both even; never upscales."""
+    scale = min(1.0, max_side / max(height, width))
+    return _even(math.floor(height * scale + 1e-6)), _even(math.floor(width * scale + 1e-6))
+
+
 def resize_max_side(frames: np.ndarray, max_side: int) -> np.ndarray:
     """(T, H, W, 3) or (H, W, 3) uint8 -> same with the longest side <= max_side and even sides.
 
@@ -54,8 +62,7 @@ def resize_max_side(frames: np.ndarray, max_side: int) -> np.ndarray:
     single = frames.ndim == 3
     batch = frames[None] if single else frames
     h, w = batch.shape[1:3]
-    scale = min(1.0, max_side / max(h, w))
-    nh, nw = _even(math.floor(h * scale + 1e-6)), _even(math.floor(w * scale + 1e-6))
+    nh, nw = fit_max_side(h, w, max_side)
     if (nh, nw) == (h, w):
         return frames
     # INTER_AREA (box filter) only for strong downscales, where bilinear would alias; it is ~5x slower.
@@ -79,17 +86,32 @@ def _rate(fps: float) -> Fraction:
     return Fraction(fps).limit_denominator(1001)
 
 
-def encode_mp4(frames: np.ndarray, fps: float, cfg: EncodeConfig) -> tuple[bytes, float]:
-    """(T, H, W, 3) uint8 RGB at `fps` -> (H.264 yuv420p faststart mp4 bytes, output fps)."""
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
-        raise ValueError(f"encode_mp4 expects (T, H, W, 3) uint8 frames with T >= 1, got {frames.shape} {frames.dtype}")
+def encode_mp4(frames: YuvFrames | np.ndarray, fps: float, cfg: EncodeConfig) -> tuple[bytes, float]:
+    """Frames at `fps` -> (H.264 yuv420p faststart mp4 bytes, output fps).
+
+    `frames`: YuvFrames (what decode_video gives: encoded as they are, no colour conversion) or
+    (T, H, W, 3) uint8 RGB.
+    """
+    if not isinstance(frames, YuvFrames):
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+            raise ValueError(f"encode_mp4 expects YuvFrames or (T, H, W, 3) uint8 frames with T >= 1, got "
+                             f"{frames.shape} {frames.dtype}")
+    elif len(frames) == 0:
+        raise ValueError("encode_mp4 got no frames")
     if not fps or fps <= 0 or not math.isfinite(fps):
         raise ValueError(f"encode_mp4: fps must be positive, got {fps}")
     idx, out_fps = output_frame_indices(len(frames), fps, cfg.max_fps)
     rate = _rate(out_fps)
-    frames = resize_max_side(frames[idx] if len(idx) != len(frames) else frames, cfg.max_side)
-    h, w = frames.shape[1:3]
+    if len(idx) != len(frames):
+        frames = frames[idx]
+    if isinstance(frames, YuvFrames):
+        h, w = fit_max_side(frames.height, frames.width, cfg.max_side)
+        i420 = frames.resized(w, h).i420
+    else:
+        rgb = resize_max_side(frames, cfg.max_side)
+        h, w = rgb.shape[1:3]
+        i420 = YuvFrames.from_rgb(rgb).i420  # OpenCV's I420 conversion: ~7x faster than swscale's here
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=rate)
@@ -98,10 +120,8 @@ def encode_mp4(frames: np.ndarray, fps: float, cfg: EncodeConfig) -> tuple[bytes
         stream.time_base = time_base
         stream.codec_context.thread_count = cfg.threads
         stream.options = {"crf": str(cfg.crf), "preset": cfg.preset}
-        for i, f in enumerate(frames):
-            # OpenCV's I420 conversion (BT.601, limited range: what swscale does by default) is ~7x faster
-            # than VideoFrame.reformat and gives the planar layout PyAV takes as a (H * 3/2, W) array.
-            frame = av.VideoFrame.from_ndarray(cv2.cvtColor(f, cv2.COLOR_RGB2YUV_I420), format="yuv420p")
+        for i, f in enumerate(i420):
+            frame = av.VideoFrame.from_ndarray(f, format="yuv420p")
             frame.pts = i
             frame.time_base = time_base
             container.mux(stream.encode(frame))

@@ -169,11 +169,16 @@ def process_video(item: InputItem, data: bytes | str, cfg: CurateConfig, second_
     for span in spans:
         s, e = int(span.start_frame), int(span.end_frame)
         if dv.frames is not None:
-            frames = dv.frames[s:e]
+            clip = dv.frames[s:e]
         else:  # the whole source was too big for memory at work resolution: decode just this clip
-            frames = decode_range(data, s, e, cfg.decode)
-        if len(frames) == 0:
+            clip = decode_range(data, s, e, cfg.decode)
+        if len(clip) == 0:
             continue
+        # RGB only for the frames a score looks at; the encoder takes the YUV frames as they are
+        quality_idx = sample_frame_indices(0, len(clip), cfg.scores.quality.frames_per_clip)
+        clip_idx = [i - s for i in sample_frame_indices(s, e, k)]
+        needed = sorted({0, len(clip) // 2, *quality_idx, *clip_idx})
+        rgb = dict(zip(needed, clip.rgb(needed)))
         row = _base_clip_row(item, issue, text_score)
         row.update(
             clip_id=clip_id_for(item.source, s, e),
@@ -186,18 +191,17 @@ def process_video(item: InputItem, data: bytes | str, cfg: CurateConfig, second_
             duration_s=(e - s) / fps,
             width=int(dv.width),
             height=int(dv.height),
-            phash=int(phash64(frames[len(frames) // 2])),
+            phash=int(phash64(rgb[len(clip) // 2])),
         )
         row.update(motion_scores(dv.small[s:e], fps, cfg.scores.motion))
-        row.update(quality_scores(frames, quality_cfg))
-        sample = [i - s for i in sample_frame_indices(s, e, k)]
-        result.clip_frames.append(_shrink_short_side(np.asarray(frames)[sample], cfg.job.clip_frame_side))
+        row.update(quality_scores(np.stack([rgb[i] for i in quality_idx]), quality_cfg))
+        result.clip_frames.append(_shrink_short_side(np.stack([rgb[i] for i in clip_idx]), cfg.job.clip_frame_side))
         media: tuple[bytes | None, bytes | None] = (None, None)
         if reject_reason(row, cheap_cfg) is None:
-            mp4, out_fps = encode_mp4(np.asarray(frames), fps, cfg.encode)
-            first = resize_max_side(np.asarray(frames[:1]), cfg.encode.max_side)
-            media = (mp4, encode_jpeg(first[0], cfg.encode.jpeg_quality))
-            row.update(out_fps=float(out_fps), out_width=int(first.shape[2]), out_height=int(first.shape[1]))
+            mp4, out_fps = encode_mp4(clip, fps, cfg.encode)
+            first = resize_max_side(rgb[0], cfg.encode.max_side)
+            media = (mp4, encode_jpeg(first, cfg.encode.jpeg_quality))
+            row.update(out_fps=float(out_fps), out_width=int(first.shape[1]), out_height=int(first.shape[0]))
         result.clip_rows.append(row)
         result.media.append(media)
     result.source_row["_timing"] = {

@@ -11,7 +11,7 @@ Pipeline of `detect_cuts` (frame i is a cut when it is the first frame of a new 
      it is not a cut. Measured as revert_ratio = min distance(before frame, after frame) / distance
      across the candidate, on 16x9 HSV thumbnails: ~1 for a cut, ~0.1-0.3 for a flash.
   4. Second opinion: candidates that are weak (content_val < strong_score) or whose revert_ratio is near
-     the flash threshold are doubtful; TransNetV2 (weights shipped in its wheel) looks at a 100-frame
+     the flash threshold are doubtful; TransNetV2 (weights shipped in its wheel) looks at a 64-frame
      window around each doubtful candidate only, and keeps it when its cut probability is high. Without a
      second opinion, doubtful candidates are decided by the revert ratio alone.
 """
