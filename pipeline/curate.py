@@ -29,7 +29,7 @@ from common.configtree import ConfigError
 from curation import config as config_mod
 from curation.config import CurateConfig
 from curation.filters import mark_duplicates, reject_reason
-from curation.inputs import InputItem, list_inputs, source_key
+from curation.inputs import InputItem, is_local, list_inputs, source_key
 from curation.process import SourceResult, error_result, filter_cfg_for
 from pipeline import manifest, shards, staging
 from pipeline.stats import build_stats, summary_lines, write_stats
@@ -101,6 +101,19 @@ def actor_resources(cfg: CurateConfig, cluster: dict[str, float]) -> dict[str, f
         free = cluster.get("CPU", 1) - job.clip_actors * clip_cpus
         process_actors = max(1, int(free // job.process_cpus))
     return {"clip_gpus": clip_gpus, "clip_cpus": clip_cpus, "process_actors": process_actors}
+
+
+def largest_first(items: list[InputItem]) -> list[InputItem]:
+    """Local files biggest first (remote ones keep their order, after them): the long sources start early
+    and the small ones fill the gaps at the end, so no actor idles while another works through a big file
+    (longest-processing-time-first scheduling). The output does not depend on this order."""
+    def size(item: InputItem) -> int:
+        try:
+            return os.path.getsize(item.uri) if is_local(item.uri) else -1
+        except OSError:
+            return -1  # missing or unreadable: it fails fast, whenever it comes
+
+    return sorted(items, key=size, reverse=True)
 
 
 def build_stream(cfg: CurateConfig, todo: list[InputItem]):
@@ -303,7 +316,7 @@ def run(input_path: str, out_dir: str, cfg: CurateConfig, items: list[InputItem]
     write_text_atomic(out / "config.yaml", config_mod.to_yaml(cfg))
     staging.clean_temp_files(out / "staging")
     finished = staging.finished_keys(out / "staging")
-    todo = [it for it in items if it.key not in finished]
+    todo = largest_first([it for it in items if it.key not in finished])
     print(f"curate: {len(items)} inputs, {len(items) - len(todo)} already staged, {len(todo)} to process",
           flush=True)
     t_list = time.perf_counter() - t0

@@ -75,8 +75,7 @@ class ProcessSources:
     def __init__(self, cfg: CurateConfig):
         import cv2
 
-        # One actor = job.process_cpus cores: OpenCV's own thread pool would oversubscribe them, and its
-        # state is what a forked decoder child can deadlock on.
+        # One actor = job.process_cpus cores: OpenCV's own thread pool would oversubscribe them.
         cpus = max(1, int(cfg.job.process_cpus))
         cv2.setNumThreads(cpus)
         self.cfg = _size_threads(cfg, cpus)

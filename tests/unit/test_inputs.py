@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from curation.inputs import list_inputs, read_bytes, source_key
+from curation.inputs import InputItem, list_inputs, read_bytes, source_key
 
 
 def _touch(path: Path, data: bytes = b"x") -> Path:
@@ -98,3 +98,15 @@ def test_source_key_is_stable_and_distinct():
     assert source_key("a/b.mp4") == source_key("a/b.mp4")
     assert source_key("a/b.mp4") != source_key("a/c.mp4")
     assert len(source_key("x")) == 16
+
+
+def test_largest_local_files_are_scheduled_first(tmp_path):
+    from pipeline.curate import largest_first
+
+    for name, size in (("a.mp4", 10), ("b.mp4", 300), ("c.mp4", 20)):
+        (tmp_path / name).write_bytes(b"x" * size)
+    uri = {"remote1": "s3://bucket/remote1.mp4"}
+    items = [InputItem(source=n, uri=uri.get(n, str(tmp_path / n)), kind="video", caption="", caption_error=None)
+             for n in ("a.mp4", "remote1", "b.mp4", "missing.mp4", "c.mp4")]
+    order = [it.source for it in largest_first(items)]
+    assert order == ["b.mp4", "c.mp4", "a.mp4", "remote1", "missing.mp4"]  # unknown sizes keep their order
