@@ -22,6 +22,7 @@ isolated.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import select
@@ -36,7 +37,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from curation.decode_backends import _decode_into, _FileSink, _MemorySink, small_size, work_size  # noqa: F401
+from curation.decode_backends import _decode_into, _MemorySink, small_size, work_size  # noqa: F401
 from curation.errors import SourceError
 from curation.frames import YuvFrames
 from curation.probe import ProbeInfo, Source, probe
@@ -228,7 +229,7 @@ def _map(path: str, shape: tuple) -> np.ndarray:
 
 
 def _run(src: Source, cfg: DecodeConfig, info: ProbeInfo | None, *, start=0, end=None, small=True,
-         keep_work=True, inject=None):
+         keep_work=True, inject=None, span=None):
     """Decode in the configured isolation; returns (info, small, work, timestamps, bad, backend)."""
     if cfg.isolation == "none":
         from curation.decode_worker import inject as inject_fault
@@ -236,9 +237,9 @@ def _run(src: Source, cfg: DecodeConfig, info: ProbeInfo | None, *, start=0, end
         inject_fault(inject)
         info = info or probe(src)
         if isinstance(src, (bytes, bytearray, memoryview)):
-            return _run_isolated_bytes_inprocess(src, cfg, info, start, end, small, keep_work)
+            return _run_isolated_bytes_inprocess(src, cfg, info, start, end, small, keep_work, span)
         sink = _MemorySink(keep_work)
-        ts, bad, backend = _decode_into(src, cfg, info, sink, start, end, small)
+        ts, bad, backend = _decode_into(src, cfg, info, sink, start, end, small, span)
         ww, wh = work_size(info.width, info.height, cfg)
         ws, hs = small_size(info.width, info.height, cfg)
         s, w = sink.arrays(ws, hs, ww, wh)
@@ -257,7 +258,7 @@ def _run(src: Source, cfg: DecodeConfig, info: ProbeInfo | None, *, start=0, end
             src = path
         job = {"src": os.fspath(src), "cfg": asdict(cfg), "info": asdict(info) if info else None,
                "folder": folder, "start": start, "end": end, "small": small, "keep_work": keep_work,
-               "inject": inject}
+               "inject": inject, "span": span}
         meta = _DECODER.run(job, cfg.timeout_s)
         if not meta["ok"]:
             raise SourceError(meta["error"])
@@ -273,12 +274,12 @@ def _run(src: Source, cfg: DecodeConfig, info: ProbeInfo | None, *, start=0, end
         shutil.rmtree(folder, ignore_errors=True)  # mapped pages stay valid until the arrays are freed
 
 
-def _run_isolated_bytes_inprocess(src, cfg, info, start, end, small, keep_work):
+def _run_isolated_bytes_inprocess(src, cfg, info, start, end, small, keep_work, span):
     # decord and PyAV both want a seekable file; a temp file keeps one code path for both backends.
     with tempfile.NamedTemporaryFile(dir=_scratch_root(cfg), suffix=".bin") as f:
         f.write(src)
         f.flush()
-        return _run(f.name, cfg, info, start=start, end=end, small=small, keep_work=keep_work)
+        return _run(f.name, cfg, info, start=start, end=end, small=small, keep_work=keep_work, span=span)
 
 
 # --------------------------------------------------------------------------- public API
@@ -310,16 +311,37 @@ def decode_video(src: Source, cfg: DecodeConfig, probe_info: ProbeInfo | None = 
                         backend=backend)
 
 
-def decode_range(src: Source, start: int, end: int, cfg: DecodeConfig,
-                 probe_info: ProbeInfo | None = None) -> YuvFrames:
+@contextlib.contextmanager
+def local_copy(src: Source, cfg: DecodeConfig, needed: bool = True):
+    """A path for `src`: itself when it is a path (or when not `needed`), else its bytes written once to
+    the scratch folder and removed afterwards (so several decode_range calls do not copy them each time)."""
+    if not needed or not isinstance(src, (bytes, bytearray, memoryview)):
+        yield src
+        return
+    fd, path = tempfile.mkstemp(prefix=f"{_PREFIX}{os.getpid()}-", suffix=".bin", dir=_scratch_root(cfg))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(src)
+        yield path
+    finally:
+        os.unlink(path)
+
+
+def decode_range(src: Source, start: int, end: int, cfg: DecodeConfig, probe_info: ProbeInfo | None = None,
+                 timestamps: np.ndarray | None = None) -> YuvFrames:
     """Frames [start, end) at work size (the fallback when decode_video kept only `small`).
 
-    Indices are decoded-frame indices, the same as decode_video's. Returns fewer frames when the source
-    ends early; raises SourceError like decode_video.
+    Indices are decoded-frame indices, the same as decode_video's. With `timestamps` (decode_video's) the
+    decoder seeks to the range instead of decoding from the first frame, so a long source's clips cost
+    about their own length each, not the source's (it decodes from 0 when the seek does not reproduce the
+    range exactly). Returns fewer frames when the source ends early; raises SourceError like decode_video.
     """
     if start < 0 or end < start:
         raise ValueError(f"decode_range: bad range [{start}, {end})")
     if end == start:
         return YuvFrames(np.zeros((0, 3, 2), np.uint8))
-    _, _, work, _, _, _ = _run(src, cfg, probe_info, start=start, end=end, small=False, keep_work=True)
+    span = None
+    if timestamps is not None and end <= len(timestamps):
+        span = (float(timestamps[start]), float(timestamps[end - 1]), end - start)
+    _, _, work, _, _, _ = _run(src, cfg, probe_info, start=start, end=end, small=False, keep_work=True, span=span)
     return YuvFrames(work)

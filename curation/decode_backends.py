@@ -170,7 +170,9 @@ def _frame_to_i420(frame, ww: int, wh: int, out: np.ndarray) -> None:
     pack_i420(*planes, ww, wh, out=out)
 
 
-def _decode_pyav(src, cfg, info: ProbeInfo, sink, sizes, budget_frames, start=0, end=None):
+def _decode_pyav(src, cfg, info: ProbeInfo, sink, sizes, budget_frames, start=0, end=None, span=None):
+    """Decode into `sink`; frames [start, end) by decoded index, or, with `span` = (t0, t1) seconds, the
+    frames shown from t0 to t1 after seeking to the keyframe before t0 (decode_range: no decode from 0)."""
     import av
 
     ww, wh, ws, hs = sizes
@@ -186,6 +188,9 @@ def _decode_pyav(src, cfg, info: ProbeInfo, sink, sizes, budget_frames, start=0,
         if cfg.decoder_threads:
             stream.codec_context.thread_count = cfg.decoder_threads
         fps = info.fps or 25.0
+        half = 0.5 / fps  # timestamps match within half a frame
+        if span is not None:
+            container.seek(max(0, int(span[0] / stream.time_base)), stream=stream, backward=True)
 
         def frames_of(packet):
             try:
@@ -199,7 +204,17 @@ def _decode_pyav(src, cfg, info: ProbeInfo, sink, sizes, budget_frames, start=0,
                 bad += 1
                 continue
             for frame in decoded:
-                if index >= start and (end is None or index < end):
+                if span is not None:
+                    t = frame.time
+                    if t is None:
+                        raise SourceError("decode_range: a frame without a timestamp after seeking")
+                    if t > span[1] + half:
+                        end = index  # past the span: stop
+                        break
+                    wanted = t >= span[0] - half
+                else:
+                    wanted = index >= start and (end is None or index < end)
+                if wanted:
                     _frame_to_i420(frame, ww, wh, batch[filled])
                     filled += 1
                     stamps.append(float(frame.time) if frame.time is not None else index / fps)
@@ -224,8 +239,22 @@ def _add(sink, work, ws, hs, cfg, budget_frames):
     sink.add(work, _to_small(work, ws, hs) if ws else None)
 
 
-def _decode_into(src, cfg, info, sink, start=0, end=None, small=True):
-    """Decode with the configured backend(s) into `sink`; returns (timestamps, bad_frames, backend)."""
+def _decode_into(src, cfg, info, sink, start=0, end=None, small=True, span=None):
+    """Decode with the configured backend(s) into `sink`; returns (timestamps, bad_frames, backend).
+
+    `span` = (t0, t1, count): decode_range's fast path, PyAV seeking to t0 and keeping the frames shown
+    up to t1. It must give exactly `count` frames (the range's size in the first decode); anything else
+    (a file whose timestamps do not survive a seek) falls back to decoding from the start by index.
+    """
+    if span is not None and cfg.backend in ("auto", "pyav"):
+        try:
+            ww, wh = work_size(info.width, info.height, cfg)
+            ts, bad = _decode_pyav(src, cfg, info, sink, (ww, wh, 0, 0), cfg.max_frames, span=span[:2])
+            if sink.count == span[2]:
+                return ts, bad, "pyav"
+        except SourceError:
+            pass
+        sink.reset(sink.keep_work)
     ww, wh = work_size(info.width, info.height, cfg)
     ws, hs = small_size(info.width, info.height, cfg) if small else (0, 0)
     # decode_range (small=False) returns a caller-bounded range: no memory fallback there

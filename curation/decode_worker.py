@@ -61,7 +61,8 @@ def run_job(job: dict) -> dict:
         cfg = DecodeConfig(**job["cfg"])
         info = ProbeInfo(**job["info"]) if job["info"] else probe(job["src"])
         sink = _FileSink(folder, keep_work=job["keep_work"])
-        ts, bad, backend = _decode_into(job["src"], cfg, info, sink, job["start"], job["end"], job["small"])
+        ts, bad, backend = _decode_into(job["src"], cfg, info, sink, job["start"], job["end"], job["small"],
+                                        job.get("span"))
         sink.close()
         np.save(os.path.join(folder, "ts.npy"), ts)
         return {"ok": True, "info": asdict(info), "count": sink.count, "keep_work": sink.keep_work,

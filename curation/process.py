@@ -27,7 +27,7 @@ import numpy as np
 
 from curation.clip_score import sample_frame_indices
 from curation.config import CurateConfig
-from curation.decode import decode_range, decode_video
+from curation.decode import decode_range, decode_video, local_copy
 from curation.dedup import phash64
 from curation.encode import encode_jpeg, encode_mp4, resize_max_side
 from curation.errors import SourceError
@@ -133,6 +133,43 @@ def _base_clip_row(item: InputItem, text_issue: str | None, text_score: float) -
     }
 
 
+def _score_and_encode_clip(item: InputItem, span, clip, dv, cfg: CurateConfig, text_score: float,
+                           issue: str | None) -> tuple[dict, tuple[bytes | None, bytes | None], np.ndarray]:
+    """One clip's manifest row (every cheap score), its media (encoded when it passes the cheap filters)
+    and the frames open_clip scores in stage 2."""
+    s, e, fps = int(span.start_frame), int(span.end_frame), float(dv.fps)
+    ts = np.asarray(dv.timestamps, dtype=np.float64)
+    # RGB only for the frames a score looks at; the encoder takes the YUV frames as they are
+    quality_idx = sample_frame_indices(0, len(clip), cfg.scores.quality.frames_per_clip)
+    clip_idx = [i - s for i in sample_frame_indices(s, e, cfg.scores.clip.frames_per_clip)]
+    needed = sorted({0, len(clip) // 2, *quality_idx, *clip_idx})
+    rgb = dict(zip(needed, clip.rgb(needed)))
+    row = _base_clip_row(item, issue, text_score)
+    row.update(
+        clip_id=clip_id_for(item.source, s, e),
+        shot_index=int(span.shot_index),
+        start_frame=s,
+        end_frame=e,
+        start_s=float(ts[s]) if s < len(ts) else s / fps,
+        end_s=float(ts[e]) if e < len(ts) else (float(ts[-1]) + 1.0 / fps if len(ts) else e / fps),
+        fps=fps,
+        duration_s=(e - s) / fps,
+        width=int(dv.width),
+        height=int(dv.height),
+        phash=int(phash64(rgb[len(clip) // 2])),
+    )
+    row.update(motion_scores(dv.small[s:e], fps, cfg.scores.motion))
+    row.update(quality_scores(np.stack([rgb[i] for i in quality_idx]), _quality_cfg(cfg)))
+    frames = _shrink_short_side(np.stack([rgb[i] for i in clip_idx]), cfg.job.clip_frame_side)
+    media: tuple[bytes | None, bytes | None] = (None, None)
+    if reject_reason(row, cheap_filter_cfg(cfg)) is None:
+        mp4, out_fps = encode_mp4(clip, fps, cfg.encode)
+        first = resize_max_side(rgb[0], cfg.encode.max_side)
+        media = (mp4, encode_jpeg(first, cfg.encode.jpeg_quality))
+        row.update(out_fps=float(out_fps), out_width=int(first.shape[1]), out_height=int(first.shape[0]))
+    return row, media, frames
+
+
 def process_video(item: InputItem, data: bytes | str, cfg: CurateConfig, second_opinion=None) -> SourceResult:
     """One video (`data`: its bytes, or a local path): decode once, split into shots/clips, score, and
     encode the clips that pass the cheap filters.
@@ -151,8 +188,6 @@ def process_video(item: InputItem, data: bytes | str, cfg: CurateConfig, second_
     t_detect = time.perf_counter() - t0 - t_decode
 
     text_score, issue = caption_issues(item.caption, cfg.scores.text)
-    cheap_cfg, quality_cfg = cheap_filter_cfg(cfg), _quality_cfg(cfg)
-    ts = np.asarray(dv.timestamps, dtype=np.float64)
     result = SourceResult(
         source_row(
             item,
@@ -165,45 +200,20 @@ def process_video(item: InputItem, data: bytes | str, cfg: CurateConfig, second_
             _duration_s=float(dv.num_frames / fps) if fps > 0 else 0.0,
         )
     )
-    k = cfg.scores.clip.frames_per_clip
-    for span in spans:
-        s, e = int(span.start_frame), int(span.end_frame)
-        if dv.frames is not None:
-            clip = dv.frames[s:e]
-        else:  # the whole source was too big for memory at work resolution: decode just this clip
-            clip = decode_range(data, s, e, cfg.decode)
-        if len(clip) == 0:
-            continue
-        # RGB only for the frames a score looks at; the encoder takes the YUV frames as they are
-        quality_idx = sample_frame_indices(0, len(clip), cfg.scores.quality.frames_per_clip)
-        clip_idx = [i - s for i in sample_frame_indices(s, e, k)]
-        needed = sorted({0, len(clip) // 2, *quality_idx, *clip_idx})
-        rgb = dict(zip(needed, clip.rgb(needed)))
-        row = _base_clip_row(item, issue, text_score)
-        row.update(
-            clip_id=clip_id_for(item.source, s, e),
-            shot_index=int(span.shot_index),
-            start_frame=s,
-            end_frame=e,
-            start_s=float(ts[s]) if s < len(ts) else s / fps,
-            end_s=float(ts[e]) if e < len(ts) else (float(ts[-1]) + 1.0 / fps if len(ts) else e / fps),
-            fps=fps,
-            duration_s=(e - s) / fps,
-            width=int(dv.width),
-            height=int(dv.height),
-            phash=int(phash64(rgb[len(clip) // 2])),
-        )
-        row.update(motion_scores(dv.small[s:e], fps, cfg.scores.motion))
-        row.update(quality_scores(np.stack([rgb[i] for i in quality_idx]), quality_cfg))
-        result.clip_frames.append(_shrink_short_side(np.stack([rgb[i] for i in clip_idx]), cfg.job.clip_frame_side))
-        media: tuple[bytes | None, bytes | None] = (None, None)
-        if reject_reason(row, cheap_cfg) is None:
-            mp4, out_fps = encode_mp4(clip, fps, cfg.encode)
-            first = resize_max_side(rgb[0], cfg.encode.max_side)
-            media = (mp4, encode_jpeg(first, cfg.encode.jpeg_quality))
-            row.update(out_fps=float(out_fps), out_width=int(first.shape[1]), out_height=int(first.shape[0]))
-        result.clip_rows.append(row)
-        result.media.append(media)
+    # over max_memory_mb only `small` was kept: clips are re-decoded one by one (by seeking), from a file
+    with local_copy(data, cfg.decode, needed=dv.frames is None) as range_src:
+        for span in spans:
+            s, e = int(span.start_frame), int(span.end_frame)
+            if dv.frames is not None:
+                clip = dv.frames[s:e]
+            else:  # the whole source was too big for memory at work resolution: decode just this clip
+                clip = decode_range(range_src, s, e, cfg.decode, probe_info=info, timestamps=dv.timestamps)
+            if len(clip) == 0:
+                continue
+            row, media, frames = _score_and_encode_clip(item, span, clip, dv, cfg, text_score, issue)
+            result.clip_frames.append(frames)
+            result.clip_rows.append(row)
+            result.media.append(media)
     result.source_row["_timing"] = {
         "decode_s": t_decode,
         "detect_s": t_detect,

@@ -71,7 +71,20 @@ def test_memory_budget_and_decode_range(shots_video):
     np.testing.assert_array_equal(tight.small, full.small)
     part = decode_range(path, 25, 40, DecodeConfig())
     np.testing.assert_array_equal(part.i420, full.frames[25:40].i420)
+    # with the first decode's timestamps the decoder seeks instead of decoding from frame 0: same frames
+    for s, e in ((0, 7), (25, 40), (31, 32), (70, 90)):
+        part = decode_range(path, s, e, DecodeConfig(), timestamps=full.timestamps)
+        np.testing.assert_array_equal(part.i420, full.frames[s:e].i420)
     assert decode_video(path, DecodeConfig(keep_frames=False)).frames is None
+
+
+def test_seeking_decode_range_on_a_real_clip(shared_videos):
+    path = shared_videos / "pyscenedetect" / "testvideo.mp4"  # 720 frames, 29.97 fps, keyframes every ~250
+    cfg = DecodeConfig(work_max_side=128)
+    full = decode_video(path, cfg)
+    for s, e in ((0, 30), (300, 360), (650, 720)):
+        part = decode_range(path, s, e, cfg, timestamps=full.timestamps)
+        np.testing.assert_array_equal(part.i420, full.frames[s:e].i420)
 
 
 @pytest.mark.parametrize("work_max_side", [512, 80])  # native size, and a 2x downscale

@@ -191,3 +191,22 @@ def test_cli_config_mistakes_fail_early_with_the_field_named(tmp_path, capsys):
     assert "random weights" in capsys.readouterr().err
     assert main(["--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()  # nothing written before the checks pass
+
+
+def test_over_memory_budget_gives_the_same_clips_by_seeking(cfg, video):
+    """A source too big for decode.max_memory_mb keeps only the small frames and re-decodes each clip (by
+    seeking, from a path or from bytes written once): same rows, same mp4 bytes as the in-memory path."""
+    import dataclasses
+
+    from curation.process import process_video
+
+    item = InputItem(source="three_shots.mp4", uri=str(video), kind="video", caption="a panning texture",
+                     caption_error=None)
+    ref = process_video(item, str(video), cfg)
+    tight = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, max_memory_mb=0))
+    for data in (str(video), video.read_bytes()):
+        got = process_video(item, data, tight)
+        assert [r["clip_id"] for r in got.clip_rows] == [r["clip_id"] for r in ref.clip_rows]
+        assert got.media == ref.media and len(ref.media) == 3
+        for a, b in zip(got.clip_rows, ref.clip_rows):
+            assert a["sharpness"] == b["sharpness"] and a["motion"] == b["motion"]
