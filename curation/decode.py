@@ -219,6 +219,9 @@ def _read_line(fd: int, deadline: float) -> bytes | None:
 
 _DECODER = _DecoderProcess()
 atexit.register(_DECODER.kill)
+# A forked child (multiprocessing, a DataLoader worker) must not talk to its parent's decoder process
+# through the inherited pipes: it starts its own on first use.
+os.register_at_fork(after_in_child=lambda: _DECODER.__init__())
 
 
 def _map(path: str, shape: tuple) -> np.ndarray:

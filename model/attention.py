@@ -16,12 +16,26 @@ from torch import nn
 from model.recompute import RecomputeMixin
 
 
+# On CPU, SDPA's flash kernel has a large fixed cost per (sequence, head) block: for the temporal attentions
+# (sequences of F frames, one per pixel, thousands of them) plain batched matmuls are faster (bench/model.py).
+SHORT_SEQUENCE_MAX = 32
+
+
+def short_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for short sequences as batched matmuls; (..., L, d) -> (..., L, d).
+    Keeps only the (L x L) probabilities (besides q/k/v) for backward, less than SDPA's saved output."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    return torch.matmul(scores.softmax(-1), v)
+
+
 class Attention(nn.Module):
-    """Multi-head attention via `F.scaled_dot_product_attention` (flash / memory-efficient kernels).
+    """Multi-head attention via `F.scaled_dot_product_attention` (flash / memory-efficient kernels), or
+    `short_sequence_attention` on CPU when both sequences are at most SHORT_SEQUENCE_MAX tokens long.
 
     `context=None` is self-attention. A cross-attention context may have fewer sequences than the
-    queries (one per clip instead of one per frame): k/v are projected once per clip and shared by the
-    clip's `repeat` frames, which is cheaper than projecting a per-frame copy of the context.
+    queries (one per clip instead of one per frame): k/v are projected once per clip, and the queries of
+    the clip's frames are attended as one long sequence against it (identical result: softmax is per
+    query), which is cheaper than projecting or copying a per-frame context.
     """
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None):
@@ -38,19 +52,24 @@ class Attention(nn.Module):
         return t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        n = x.shape[0]
+        n, length, _ = x.shape
         if context is None:  # self-attention: one GEMM for q, k and v (same weights, fewer passes over x)
             w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
-            q, k, v = (self._split(t) for t in F.linear(x, w).chunk(3, dim=-1))
-        else:
-            q = self._split(self.to_q(x))
-            k, v = self._split(self.to_k(context)), self._split(self.to_v(context))
-        if k.shape[0] != n:  # one context per clip, queries per frame: share k/v across the clip's frames
-            rep = n // k.shape[0]
-            k = k.repeat_interleave(rep, dim=0)
-            v = v.repeat_interleave(rep, dim=0)
+            qkv = F.linear(x, w)
+            if x.device.type == "cpu" and length <= SHORT_SEQUENCE_MAX:
+                # (N, L, 3*heads*hd) -> (3, N, heads, L, hd): one copy gives the matmuls dense operands
+                qkv = qkv.view(n, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).contiguous()
+                out = short_sequence_attention(*qkv.unbind(0))
+                return self.to_out(out.transpose(1, 2).flatten(2))
+            q, k, v = (self._split(t) for t in qkv.chunk(3, dim=-1))
+            out = F.scaled_dot_product_attention(q, k, v)
+            return self.to_out(out.transpose(1, 2).flatten(2))
+        k, v = self._split(self.to_k(context)), self._split(self.to_v(context))
+        nk = k.shape[0]
+        # one context per clip, queries per frame: (N, L) queries -> (N/nk clips, frames*L) query sequences
+        q = self._split(self.to_q(x).reshape(nk, (n // nk) * length, -1))
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(out.transpose(1, 2).flatten(2))
+        return self.to_out(out.transpose(1, 2).reshape(n, length, -1))
 
 
 class _GEGLUProjOut(torch.autograd.Function):

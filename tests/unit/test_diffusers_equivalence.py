@@ -95,7 +95,11 @@ def test_gradients_match_diffusers(pair):
     ref = state_dict_from_diffusers({n: p.grad for n, p in theirs.named_parameters()})
     worst = max((p.grad - ref[n]).abs().max().item() for n, p in ours.named_parameters())
     assert worst <= TOL
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ours.parameters())
+    # at an 8x8 latent the mid block is 1x1: its spatial self-attention has one key, softmax over it is the
+    # constant 1, so q/k get exactly zero gradient (diffusers' flash kernel leaves only rounding noise)
+    single_key = {f"mid_block.spatial.block.attn1.to_{n}.weight" for n in "qk"}
+    assert all(ref[n].abs().max() <= TOL for n in single_key)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in ours.named_parameters() if n not in single_key)
 
 
 def test_comparison_is_sensitive(pair):
