@@ -116,6 +116,11 @@ def validate(cfg: CurateConfig) -> None:
         raise ConfigError("job.source_timeout_s must be > 0")
     if cfg.output.shard_max_bytes <= 0:
         raise ConfigError("output.shard_max_bytes must be > 0")
+    if cfg.decode.work_max_side < cfg.encode.max_side:
+        raise ConfigError(
+            f"decode.work_max_side={cfg.decode.work_max_side} is below encode.max_side={cfg.encode.max_side}: "
+            "the shards would hold smaller clips than asked for; set decode.work_max_side to encode.max_side"
+        )
     validate_filter_config(
         cfg.filter,
         clip_random_weights=clip.model == TINY_MODEL and clip.checkpoint is None,

@@ -189,6 +189,8 @@ def test_cli_config_mistakes_fail_early_with_the_field_named(tmp_path, capsys):
     assert str(missing) in capsys.readouterr().err
     assert main(["--input", sample, "--output", str(tmp_path / "o"), "filter.min_clip_similarity=0.2"]) == 2
     assert "random weights" in capsys.readouterr().err
+    assert main(["--input", sample, "--output", str(tmp_path / "o"), "encode.max_side=1024"]) == 2
+    assert "decode.work_max_side" in capsys.readouterr().err
     assert main(["--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()  # nothing written before the checks pass
 
