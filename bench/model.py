@@ -34,7 +34,7 @@ BENCH_CPU = dict(  # "tiny" scaled up: every block type, real channel counts at 
 )
 VARIANTS = {
     "diffusers": "diffusers I2VGenXLUNet (eager)",
-    "ours": "ours, defaults (selective recompute of norm/act/GEGLU)",
+    "ours": "ours, defaults (fused recompute of norm/act/dropout/GEGLU)",
     "ours-plain": "ours without selective recompute",
     "ours-cl": "ours defaults + channels-last activations",
     "ours-ckpt": "ours + full per-block activation checkpointing",

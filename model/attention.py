@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.fused_ops import geglu_proj_out, geglu_proj_out_folded
 from model.recompute import RecomputeMixin
 
 
@@ -21,11 +22,29 @@ from model.recompute import RecomputeMixin
 SHORT_SEQUENCE_MAX = 32
 
 
+class _ShortSoftmax(torch.autograd.Function):
+    """Softmax over a short last dim. ATen's CPU kernel vectorises along that dim and is ~5x slower than
+    these few whole-tensor passes when it holds only F (e.g. 8) values."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
+        probs = (scores - scores.amax(-1, keepdim=True)).exp_()
+        probs.div_(probs.sum(-1, keepdim=True))
+        ctx.save_for_backward(probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (probs,) = ctx.saved_tensors
+        gp = grad * probs
+        return gp.sub_(probs * gp.sum(-1, keepdim=True))  # p * (g - sum(g * p))
+
+
 def short_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for short sequences as batched matmuls; (..., L, d) -> (..., L, d).
     Keeps only the (L x L) probabilities (besides q/k/v) for backward, less than SDPA's saved output."""
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
-    return torch.matmul(scores.softmax(-1), v)
+    return torch.matmul(_ShortSoftmax.apply(scores), v)
 
 
 class Attention(nn.Module):
@@ -72,30 +91,6 @@ class Attention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(n, length, -1))
 
 
-class _GEGLUProjOut(torch.autograd.Function):
-    """proj_out(value * gelu(gate)) keeping only h = [value | gate] (and the weight) for backward:
-    the gelu(gate) and product tensors (each tokens x inner) are recomputed there instead of stored."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        value, gate = h.chunk(2, dim=-1)
-        ctx.save_for_backward(h, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(value * F.gelu(gate), weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        h, weight = ctx.saved_tensors
-        value, gate = h.chunk(2, dim=-1)
-        act = F.gelu(gate)
-        grad_flat = grad.reshape(-1, grad.shape[-1])
-        grad_w = grad_flat.t() @ (value * act).reshape(-1, value.shape[-1])
-        grad_b = grad_flat.sum(0) if ctx.has_bias else None
-        grad_p = grad @ weight
-        grad_gate = torch.ops.aten.gelu_backward(grad_p * value, gate)
-        return torch.cat([grad_p * act, grad_gate], dim=-1), grad_w, grad_b
-
-
 class GEGLUFeedForward(RecomputeMixin, nn.Module):
     """Linear(D, 2*inner) -> value * gelu(gate) -> Linear(inner, D)  (inner = 4*D).
     With selective recomputation only the first Linear's output is kept for backward."""
@@ -109,7 +104,7 @@ class GEGLUFeedForward(RecomputeMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.proj_in(x)
         if self.recompute_cheap and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
-            return _GEGLUProjOut.apply(h, self.proj_out.weight, self.proj_out.bias)
+            return geglu_proj_out(h, self.proj_out.weight, self.proj_out.bias)
         value, gate = h.chunk(2, dim=-1)
         return self.proj_out(value * F.gelu(gate))
 
@@ -126,13 +121,22 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = GEGLUFeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                out_proj: nn.Linear | None = None) -> torch.Tensor:
+        """(N, L, D) -> (N, L, D), or out_proj of it (N, L, C) when the caller's projection is passed in."""
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        if out_proj is not None and out_proj.out_features < x.shape[-1] and self.ff.recompute_cheap \
+                and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
+            # C < D: fold ff.proj_out into out_proj (model/fused_ops.py), fewer FLOPs and one T x D tensor less kept
+            ff = self.ff
+            return geglu_proj_out_folded(x, ff.proj_in(self.norm3(x)), ff.proj_out.weight, ff.proj_out.bias,
+                                         out_proj.weight, out_proj.bias)
+        x = x + self.ff(self.norm3(x))
+        return x if out_proj is None else out_proj(x)
 
 
-class SpatialTransformer(RecomputeMixin, nn.Module):
+class SpatialTransformer(nn.Module):
     """GroupNorm -> Linear proj_in -> TransformerBlock (self + cross-attention) -> Linear proj_out, residual.
     Depth 1, heads = channels // head_dim, operating on the pixels of each frame."""
 
@@ -151,11 +155,11 @@ class SpatialTransformer(RecomputeMixin, nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         bf, c, h, w = x.shape
-        tokens = self.proj_out(self.block(self.proj_in(self.cheap(self._tokens, x)), context))
+        tokens = self.proj_out(self.block(self.proj_in(self._tokens(x)), context))
         return x + tokens.view(bf, h, w, c).permute(0, 3, 1, 2)
 
 
-class TemporalTransformer(RecomputeMixin, nn.Module):
+class TemporalTransformer(nn.Module):
     """GroupNorm (over the whole clip) -> Linear proj_in -> TransformerBlock with two self-attentions
     over frames -> Linear proj_out (zero-init: a fresh module is the identity), residual.
     No positional encoding: frame order is only seen through the temporal convs."""
@@ -180,7 +184,7 @@ class TemporalTransformer(RecomputeMixin, nn.Module):
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         bf, c, h, w = x.shape
         b = bf // num_frames
-        tokens = self.proj_out(self.block(self.proj_in(self.cheap(self._tokens, x, num_frames))))
+        tokens = self.block(self.proj_in(self._tokens(x, num_frames)), out_proj=self.proj_out)
         # (B*H*W, F, C) -> (B, H, W, F, C) -> (B, F, C, H, W), added to the residual
         out = tokens.view(b, h, w, num_frames, c).permute(0, 3, 4, 1, 2).reshape(bf, c, h, w)
         return x + out

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.recompute import RecomputeMixin
+from model.recompute import RecomputeMixin, group_norm_silu_dropout
 
 
 def frames_to_clip(x: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -38,12 +38,9 @@ class TemporalConvStage(RecomputeMixin, nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
 
-    def _pre(self, x: torch.Tensor) -> torch.Tensor:
-        return F.silu(self.norm(x))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # dropout stays outside the recomputed region: its 1-byte mask is cheaper to keep than to redraw
-        h = self.dropout(self.cheap(self._pre, x))
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        h = group_norm_silu_dropout(x, self.norm, p, self.training, self.recompute_cheap)
         return F.conv2d(h, self.conv.weight.squeeze(-1), self.conv.bias, padding=(1, 0))
 
 
@@ -61,12 +58,13 @@ class TemporalConvBlock(nn.Module):
         nn.init.zeros_(self.stages[-1].conv.bias)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        # x: (B*F, C, H, W) -> (B, C, F, H*W); GroupNorm statistics span all frames of a clip.
-        identity = frames_to_clip(x, num_frames)
+        # x: (B*F, C, H, W) -> (B, C, F, H*W); GroupNorm statistics span all frames of a clip. One dense copy
+        # here instead of re-copying the strided view for GroupNorm in forward and again in backward.
+        identity = frames_to_clip(x, num_frames).contiguous()
         h = identity
         for stage in self.stages:
             h = stage(h)
-        return clip_to_frames(identity + h, x.shape[2], x.shape[3])
+        return clip_to_frames(h.add_(identity), x.shape[2], x.shape[3])
 
 
 class ResBlock(RecomputeMixin, nn.Module):
@@ -93,17 +91,13 @@ class ResBlock(RecomputeMixin, nn.Module):
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
         self.temporal = TemporalConvBlock(out_channels, groups, eps, temporal_dropout)
 
-    def _pre1(self, x: torch.Tensor) -> torch.Tensor:
-        return F.silu(self.norm1(x))
-
-    def _pre2(self, h: torch.Tensor) -> torch.Tensor:
-        return F.silu(self.norm2(h))
-
     def forward(self, x: torch.Tensor, temb: torch.Tensor, num_frames: int) -> torch.Tensor:
-        h = self.conv1(self.cheap(self._pre1, x))
-        h = h + self.time_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(self.cheap(self._pre2, h)))
-        return self.temporal(self.skip(x) + h, num_frames)
+        h = self.conv1(group_norm_silu_dropout(x, self.norm1, recompute=self.recompute_cheap))
+        # in-place adds on conv outputs (no conv backward needs its own output): two fewer full-size buffers
+        h += self.time_proj(F.silu(temb))[:, :, None, None]
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        h = self.conv2(group_norm_silu_dropout(h, self.norm2, p, self.training, self.recompute_cheap))
+        return self.temporal(h.add_(self.skip(x)), num_frames)
 
 
 class Downsample(nn.Module):
