@@ -93,7 +93,7 @@ class Attention(nn.Module):
 
 class GEGLUFeedForward(RecomputeMixin, nn.Module):
     """Linear(D, 2*inner) -> value * gelu(gate) -> Linear(inner, D)  (inner = 4*D).
-    With selective recomputation only the first Linear's output is kept for backward."""
+    With selective recomputation only value and gate are kept for backward (model/fused_ops.py)."""
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
@@ -101,12 +101,22 @@ class GEGLUFeedForward(RecomputeMixin, nn.Module):
         self.proj_in = nn.Linear(dim, inner * 2)
         self.proj_out = nn.Linear(inner, dim)
 
+    def fused(self, x: torch.Tensor) -> bool:
+        """Whether the fused (recomputing) path runs for this input."""
+        return self.recompute_cheap and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+
+    def value_gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """proj_in(x) as two dense halves (value, gate): two GEMMs on the weight's row halves, same FLOPs
+        as one, but no strided half views for GELU (see model/fused_ops.py)."""
+        w, b = self.proj_in.weight, self.proj_in.bias
+        inner = w.shape[0] // 2
+        return F.linear(x, w[:inner], b[:inner]), F.linear(x, w[inner:], b[inner:])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.proj_in(x)
-        if self.recompute_cheap and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
-            return geglu_proj_out(h, self.proj_out.weight, self.proj_out.bias)
-        value, gate = h.chunk(2, dim=-1)
-        return self.proj_out(value * F.gelu(gate))
+        if self.fused(x):
+            return geglu_proj_out(*self.value_gate(x), self.proj_out.weight, self.proj_out.bias)
+        value, gate = self.value_gate(x)
+        return self.proj_out(F.gelu(gate).mul_(value) if not torch.is_grad_enabled() else value * F.gelu(gate))
 
 
 class TransformerBlock(nn.Module):
@@ -126,11 +136,10 @@ class TransformerBlock(nn.Module):
         """(N, L, D) -> (N, L, D), or out_proj of it (N, L, C) when the caller's projection is passed in."""
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
-        if out_proj is not None and out_proj.out_features < x.shape[-1] and self.ff.recompute_cheap \
-                and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
+        ff = self.ff
+        if out_proj is not None and out_proj.out_features < x.shape[-1] and ff.fused(x):
             # C < D: fold ff.proj_out into out_proj (model/fused_ops.py), fewer FLOPs and one T x D tensor less kept
-            ff = self.ff
-            return geglu_proj_out_folded(x, ff.proj_in(self.norm3(x)), ff.proj_out.weight, ff.proj_out.bias,
+            return geglu_proj_out_folded(x, *ff.value_gate(self.norm3(x)), ff.proj_out.weight, ff.proj_out.bias,
                                          out_proj.weight, out_proj.bias)
         x = x + self.ff(self.norm3(x))
         return x if out_proj is None else out_proj(x)

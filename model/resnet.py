@@ -111,12 +111,37 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+# For output row 2i + a of "nearest 2x, then 3x3 conv", the three kernel rows read source rows
+# (i-1, i, i) when a = 0 and (i, i, i+1) when a = 1: per phase a 2-tap kernel over source rows, whose taps
+# sum the 3x3 taps that read the same source pixel. Same for columns. _PHASE_TAPS[a, t, k] = 1 when kernel
+# row k lands on tap t (t = 0: upper source row, t = 1: lower) of phase a.
+_PHASE_TAPS = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))
+
+
 class Upsample(nn.Module):
-    """Nearest-neighbour resize to `size` (the matching skip's H, W; 2x when sizes divide evenly) + 3x3 conv."""
+    """Nearest-neighbour resize to `size` (the matching skip's H, W) + 3x3 conv.
+
+    For an exact 2x resize it runs sub-pixel: one conv with 2x2 kernels and 4x the output channels (one set
+    per output phase) on the padded low-res input, then the phases are interleaved. Identical result (up to
+    float rounding of the summed taps), 16 instead of 36 multiply-adds per output pixel and channel pair,
+    and backward keeps the low-res input instead of the 4x larger resized one."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
+    def phase_kernels(self) -> torch.Tensor:
+        """(4*O, I, 2, 2): the 2x2 kernel of output phase (a, b) at rows [(2a + b)*O, (2a + b + 1)*O)."""
+        w = self.conv.weight
+        taps = w.new_tensor(_PHASE_TAPS)  # (phase, tap, k)
+        return torch.einsum("atk,bul,oikl->aboitu", taps, taps, w).flatten(0, 2)
+
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+        n, _, h, w = x.shape
+        if tuple(size) != (2 * h, 2 * w):
+            return self.conv(F.interpolate(x, size=size, mode="nearest"))
+        # phase (a, b) output (i, j) reads padded rows i+a, i+a+1 and cols j+b, j+b+1: a 2x2 window at (i+a, j+b)
+        out = F.conv2d(F.pad(x, (1, 1, 1, 1)), self.phase_kernels(), self.conv.bias.repeat(4))
+        out = out.unflatten(1, (2, 2, -1))  # (N, a, b, O, h+1, w+1)
+        rows = [torch.stack([out[:, a, b, :, a:a + h, b:b + w] for b in (0, 1)], dim=-1) for a in (0, 1)]
+        return torch.stack(rows, dim=3).reshape(n, -1, 2 * h, 2 * w)  # (N, O, h, a, w, b) -> (N, O, 2h, 2w)
