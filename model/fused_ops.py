@@ -8,7 +8,12 @@ Shapes (T tokens, D block width, I = 4*D feed-forward width, C output channels o
 
 Both keep only value and gate (not gelu(gate) nor value * gelu(gate), each T x I) for backward and rebuild
 the product there. value and gate are separate dense tensors, not the two halves of one (T, 2I) output:
-ATen's CPU GELU (forward and backward) only vectorises dense inputs and is ~5x slower on a half view. `geglu_proj_out_folded` also uses associativity when a transformer maps its width D back to fewer
+ATen's CPU GELU (forward and backward) only vectorises dense inputs and is ~5x slower on a half view.
+
+Both also run token chunk by token chunk (CHUNK_ELEMENTS per temporary): the T x I temporaries (gelu(gate),
+the product, dL/dp) exist for one chunk at a time and are reused from the allocator's cache, instead of
+several full-size tensors that (above glibc's mmap threshold) are mapped, page-faulted and unmapped on every
+call. The outputs are written in place into their full-size buffers; the weight gradient accumulates. `geglu_proj_out_folded` also uses associativity when a transformer maps its width D back to fewer
 channels C < D (the UNet's first temporal transformer: C0 = 320 channels, D = 8 heads x 64 = 512):
     proj_out(x + ff.proj_out(p)) = x Wo^T + p (Wo Wf)^T + (Wo bf + bo)
 so the T x I x D feed-forward product becomes T x I x C, in forward and in both backward products.
@@ -20,15 +25,45 @@ import torch
 import torch.nn.functional as F
 
 
+# elements of one T x I temporary (512K floats = 2 MiB): small enough to stay in the allocator's free lists
+CHUNK_ELEMENTS = 1 << 19
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _geglu_input_grads(value, gate, act, grad_p):
-    """dL/dvalue, dL/dgate for p = value * gelu(gate), given dL/dp (overwritten)."""
-    grad_value = grad_p * act
-    grad_gate = torch.ops.aten.gelu_backward(grad_p.mul_(value), gate)
-    return grad_value, grad_gate
+def _row_chunks(rows: int, width: int):
+    step = max(1, CHUNK_ELEMENTS // max(width, 1))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def _geglu_forward(value, gate, weight, bias, out_rows: int):
+    """F.linear(value * gelu(gate), weight, bias) chunk by chunk; value/gate flattened (T, I)."""
+    v, g = _flat(value), _flat(gate)
+    out = torch.empty(v.shape[0], out_rows, dtype=v.dtype, device=v.device)
+    for r in _row_chunks(v.shape[0], v.shape[1]):
+        p = F.gelu(g[r]).mul_(v[r])
+        if bias is None:
+            torch.mm(p, weight.t(), out=out[r])
+        else:
+            torch.addmm(bias, p, weight.t(), out=out[r])
+    return out
+
+
+def _geglu_backward(value, gate, grad, weight):
+    """For p = value * gelu(gate) and y = p @ weight^T: (dL/dvalue, dL/dgate, dL/dweight), chunk by chunk.
+    grad: (T, C) dense; weight: (C, I)."""
+    v, g = _flat(value), _flat(gate)
+    grad_value, grad_gate = torch.empty_like(v), torch.empty_like(g)
+    grad_w = torch.zeros_like(weight)
+    for r in _row_chunks(v.shape[0], v.shape[1]):
+        act = F.gelu(g[r])
+        grad_p = grad[r] @ weight
+        torch.mul(grad_p, act, out=grad_value[r])
+        grad_w.addmm_(grad[r].t(), act.mul_(v[r]))  # act now holds p
+        torch.ops.aten.gelu_backward.grad_input(grad_p.mul_(v[r]), g[r], grad_input=grad_gate[r])
+    return grad_value.view_as(value), grad_gate.view_as(gate), grad_w
 
 
 class _GEGLUProjOut(torch.autograd.Function):
@@ -38,17 +73,15 @@ class _GEGLUProjOut(torch.autograd.Function):
     def forward(ctx, value, gate, weight, bias):
         ctx.save_for_backward(value, gate, weight)
         ctx.has_bias = bias is not None
-        return F.linear(F.gelu(gate).mul_(value), weight, bias)
+        return _geglu_forward(value, gate, weight, bias, weight.shape[0]).view(*value.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad):
         value, gate, weight = ctx.saved_tensors
-        grad = grad.contiguous()  # may arrive permuted; dense so every product below is one plain GEMM
-        act = F.gelu(gate)
-        grad_flat = _flat(grad)
-        grad_w = grad_flat.t() @ _flat(value * act)
+        grad_flat = _flat(grad.contiguous())  # may arrive permuted; dense so every product is one plain GEMM
+        grad_value, grad_gate, grad_w = _geglu_backward(value, gate, grad_flat, weight)
         grad_b = grad_flat.sum(0) if ctx.has_bias else None
-        return (*_geglu_input_grads(value, gate, act, grad @ weight), grad_w, grad_b)
+        return grad_value, grad_gate, grad_w, grad_b
 
 
 class _GEGLUProjOutFolded(torch.autograd.Function):
@@ -58,24 +91,21 @@ class _GEGLUProjOutFolded(torch.autograd.Function):
     def forward(ctx, x, value, gate, ff_w, ff_b, out_w, out_b):
         folded_w = out_w @ ff_w  # (C, I)
         folded_b = out_w @ ff_b + out_b
-        out = F.linear(F.gelu(gate).mul_(value), folded_w, folded_b)
-        out += F.linear(x, out_w)
+        out = _geglu_forward(value, gate, folded_w, folded_b, folded_w.shape[0])
+        out.addmm_(_flat(x), out_w.t())
         ctx.save_for_backward(x, value, gate, ff_w, ff_b, out_w, folded_w)
-        return out
+        return out.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad):
         x, value, gate, ff_w, ff_b, out_w, folded_w = ctx.saved_tensors
-        grad = grad.contiguous()  # arrives permuted from the (B, F, C, H, W) output; see _GEGLUProjOut
-        act = F.gelu(gate)
-        grad_flat = _flat(grad)
-        grad_folded = grad_flat.t() @ _flat(value * act)  # (C, I) = dL/d(Wo Wf)
+        grad_flat = _flat(grad.contiguous())  # arrives permuted from the (B, F, C, H, W) output
+        grad_value, grad_gate, grad_folded = _geglu_backward(value, gate, grad_flat, folded_w)  # (C, I) = dL/d(Wo Wf)
         grad_out_b = grad_flat.sum(0)
         grad_ff_w = out_w.t() @ grad_folded
         grad_ff_b = out_w.t() @ grad_out_b
         grad_out_w = grad_folded @ ff_w.t() + grad_flat.t() @ _flat(x) + torch.outer(grad_out_b, ff_b)
-        grad_x = grad @ out_w
-        grad_value, grad_gate = _geglu_input_grads(value, gate, act, grad @ folded_w)
+        grad_x = (grad_flat @ out_w).view_as(x)
         return grad_x, grad_value, grad_gate, grad_ff_w, grad_ff_b, grad_out_w, grad_out_b
 
 

@@ -58,8 +58,8 @@ class _GroupNormSiLUDropout(torch.autograd.Function):
         dropped = None
         if p > 0:
             # same distribution as nn.Dropout: zero with probability p, scale the rest by 1 / (1 - p);
-            # masked_fill_ with the bool mask avoids converting it to a float tensor first
-            dropped = torch.rand_like(out) < p
+            # the bool mask is drawn directly (no float uniform tensor) and used as it is by masked_fill_
+            dropped = torch.empty_like(out, dtype=torch.bool).bernoulli_(p)
             out.masked_fill_(dropped, 0.0).mul_(1.0 / (1.0 - p))
         ctx.save_for_backward(x, weight, bias, mean, rstd, dropped)
         ctx.groups, ctx.p = groups, p
@@ -73,8 +73,7 @@ class _GroupNormSiLUDropout(torch.autograd.Function):
             grad = grad.masked_fill(dropped, 0.0).mul_(1.0 / (1.0 - ctx.p))
         a, s = _affine_stats(x, mean, rstd, weight, bias, ctx.groups)
         y = torch.addcmul(s, x, a)  # the normalised input of SiLU, rebuilt from the saved statistics
-        grad_y = torch.ops.aten.silu_backward(grad, y)
-        del y
+        grad_y = torch.ops.aten.silu_backward.grad_input(grad, y, grad_input=y)  # in place: one buffer less
         xc = x.contiguous()
         grad_x, grad_w, grad_b = torch.ops.aten.native_group_norm_backward(
             grad_y.contiguous(), xc, mean, rstd, weight, n, c, xc.numel() // (n * c), ctx.groups,
