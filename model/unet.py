@@ -85,7 +85,8 @@ class I2VGenUNet(nn.Module):
     attention for the short (F-frame) temporal sequences on CPU, cross-attention k/v projected once per clip
     and attended by all the clip's frames at once, selective recomputation (fused GroupNorm-SiLU-Dropout and
     GEGLU nodes that keep only their inputs; the first temporal transformer's feed-forward output folded
-    into its proj_out), optional channels-last activations and optional per-block activation checkpointing."""
+    into its proj_out), a sub-pixel 2x upsampler (model/resnet.py `Upsample`), optional channels-last
+    activations and optional per-block activation checkpointing."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()

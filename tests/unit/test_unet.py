@@ -104,24 +104,30 @@ def test_fresh_model_treats_identical_frames_like_an_image(tiny):
     assert (moved[:, :, 0] - moved[:, :, 3]).abs().max() > 1e-3
 
 
-def test_gradient_checkpointing_same_output_and_grads():
+def outputs_and_grads_in_two_modes(set_mode):
+    """Output and every parameter's grad of one tiny train-mode UNet (no dropout, no zero-init layer: every
+    path must carry gradient) with `set_mode(model, False)`, then `set_mode(model, True)`."""
     torch.manual_seed(0)
     cfg = get_flavor("tiny", dropout=0.0)
     model = I2VGenUNet(cfg).train()
-    for p in model.parameters():  # leave no zero-init layer: every path must carry gradient
+    for p in model.parameters():
         if p.abs().max() == 0:
             torch.nn.init.normal_(p, std=0.02)
     # 16x16: the mid block then sees 2x2 pixels; at 1x1 its spatial self-attention has a single key and
     # q/k would get exactly zero gradient
     inp = _inputs(cfg, f=2, h=16, w=16)
     results = []
-    for ckpt in (False, True):
-        model.enable_gradient_checkpointing(ckpt)
+    for mode in (False, True):
+        set_mode(model, mode)
         model.zero_grad()
         out = model(**inp)
         out.square().mean().backward()
         results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (o0, g0), (o1, g1) = results
+    return results
+
+
+def test_gradient_checkpointing_same_output_and_grads():
+    (o0, g0), (o1, g1) = outputs_and_grads_in_two_modes(I2VGenUNet.enable_gradient_checkpointing)
     assert torch.allclose(o0, o1, atol=1e-6)
     assert max((g0[n] - g1[n]).abs().max().item() for n in g0) < 1e-6
     assert all(g.abs().sum() > 0 for g in g0.values())
