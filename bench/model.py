@@ -193,15 +193,21 @@ def main(argv=None) -> None:
     base = summary["diffusers"]
     print(f"\nconfig {args.flavor} {args.dtype} on {args.device}: B={args.batch} F={args.frames} "
           f"latent {args.height}x{args.width}, {base['params']:,} params, threads {runs['diffusers'][0]['threads']}")
-    print(f"{'variant':<14}{'wall s':>8}{'x diff':>8}{'cpu s':>8}{'x diff':>8}{'peak MiB':>10}{'x diff':>8}  what")
+    print(f"{'variant':<14}{'wall s':>8}{'x diff':>8}{'rounds':>12}{'cpu s':>8}{'x diff':>8}{'peak MiB':>10}"
+          f"{'x diff':>8}  what")
     for v, s in summary.items():
         s["time_ratio"] = s["time_s"] / base["time_s"]
         s["cpu_time_ratio"] = s["cpu_time_s"] / base["cpu_time_s"]
         s["mem_ratio"] = s["peak_mib"] / base["peak_mib"]
-        print(f"{v:<14}{s['time_s']:>8.3f}{s['time_ratio']:>8.2f}{s['cpu_time_s']:>8.3f}{s['cpu_time_ratio']:>8.2f}"
-              f"{s['peak_mib']:>10.1f}{s['mem_ratio']:>8.2f}  {VARIANTS[v]}")
+        # the ratio within each round (variants run back to back there): shows how much the machine drifted
+        s["time_ratio_per_round"] = [statistics.median(a["times"]) / statistics.median(d["times"])
+                                     for a, d in zip(runs[v], runs["diffusers"])]
+        spread = f"{min(s['time_ratio_per_round']):.2f}-{max(s['time_ratio_per_round']):.2f}"
+        print(f"{v:<14}{s['time_s']:>8.3f}{s['time_ratio']:>8.2f}{spread:>12}{s['cpu_time_s']:>8.3f}"
+              f"{s['cpu_time_ratio']:>8.2f}{s['peak_mib']:>10.1f}{s['mem_ratio']:>8.2f}  {VARIANTS[v]}")
     if args.device == "cpu":
-        print("(cpu s = process CPU time of the step: on a shared machine it is less disturbed by other jobs than wall time)")
+        print("(cpu s = process CPU time of the step: on a shared machine it is less disturbed by other jobs than wall time;"
+              " rounds = lowest-highest wall-time ratio within one round)")
     print(json.dumps({"bench": "model", "device": args.device, "dtype": args.dtype, "flavor": args.flavor,
                       "batch": args.batch, "frames": args.frames, "latent": [args.height, args.width],
                       "memory_method": "cuda max_memory_allocated" if args.device == "cuda" else "VmHWM-VmRSS, mallopt mmap>=64KiB for the memory step",
