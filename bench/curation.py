@@ -7,7 +7,8 @@
     Also shown, not used for the ratios' names: (a2) PyAV decoding the same files without any conversion
     (the codec's own cost: lower than decord's RGB output), with `fraction_of_pyav_decode` beside it.
 (b) PySceneDetect CLI, the usual glue script: `scenedetect -i FILE detect-adaptive split-video` per
-    file (re-encodes every shot with ffmpeg), `--workers` files at a time. Needs `ffmpeg` on PATH.
+    file (re-encodes every shot with ffmpeg), `--workers` files at a time. Uses `ffmpeg` from PATH, else
+    the static build of the `imageio-ffmpeg` package (the `bench` extra).
 (c) this pipeline end to end: `python -m pipeline.curate` (probe, one decode, shot detection, all
     scores, filter, H.264 encode, WebDataset shards + manifests) submitted to a Ray cluster that is
     already running with `--workers` CPUs, as `ray job submit` would. The cluster's start-up and a first
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -98,9 +100,27 @@ def _scenedetect_one(args: tuple[str, str]) -> int:
     return subprocess.run(cmd, capture_output=True, check=False).returncode
 
 
+def ensure_ffmpeg(shim_dir: Path) -> str:
+    """Path of the ffmpeg that `scenedetect split-video` will run: the one on PATH, else the static build
+    that the `imageio-ffmpeg` package ships (the `bench` extra, installed by `make setup`), put on PATH
+    under the name `ffmpeg` through a symlink in `shim_dir`."""
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise SystemExit("(b) needs ffmpeg for `scenedetect split-video`: install the bench extra "
+                         "(pip install -e '.[bench]', done by `make setup`) or ffmpeg itself (apt-get install ffmpeg)")
+    shim_dir.mkdir(parents=True, exist_ok=True)
+    link = shim_dir / "ffmpeg"
+    if not link.exists():
+        link.symlink_to(imageio_ffmpeg.get_ffmpeg_exe())
+    os.environ["PATH"] = f"{shim_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    return str(link.resolve())
+
+
 def run_scenedetect_cli(videos: list[Path], workers: int, out_dir: Path) -> tuple[float, int]:
-    if shutil.which("ffmpeg") is None:
-        raise SystemExit("(b) needs ffmpeg on PATH for `scenedetect split-video` (apt-get install ffmpeg)")
     jobs = [(str(v), str(out_dir / v.stem)) for v in videos]
     start = time.perf_counter()
     with ProcessPoolExecutor(workers) as pool:
@@ -135,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if not videos:
         raise SystemExit(f"no videos under {args.input}")
     try:
+        ffmpeg = ensure_ffmpeg(tmp / "bin")  # before any timing: fail early when (b) cannot run
         t_decode, frames = run_bare_decode(videos, args.workers)
         t_pyav, _ = run_bare_decode(videos, args.workers, _decode_pyav)
         t_scd, scd_failures = run_scenedetect_cli(videos, args.workers, tmp / "scenedetect")
@@ -166,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, seconds in rows:
         print(f"{name:48s} {seconds:9.2f} {frames / seconds:9.1f}")
     print(f"(one-off, not in (c): ray head start-up {t_ray:.2f} s, first one-video job {t_warm:.2f} s; "
-          f"scenedetect failures: {scd_failures})")
+          f"scenedetect failures: {scd_failures}; ffmpeg: {ffmpeg})")
     result = {
         "videos": len(videos), "frames": frames, "workers": args.workers,
         "bare_decode_s": round(t_decode, 3), "scenedetect_s": round(t_scd, 3), "pipeline_s": round(t_pipe, 3),
@@ -174,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "clips_kept": stats["clips"]["kept"], "clips_candidates": stats["clips"]["candidates"],
         "speedup_vs_scenedetect": round(t_scd / t_pipe, 3),
         "fraction_of_decode": round(t_decode / t_pipe, 3),
-        "fraction_of_pyav_decode": round(t_pyav / t_pipe, 3),
+        "fraction_of_pyav_decode": round(t_pyav / t_pipe, 3), "ffmpeg": ffmpeg,
     }
     print(json.dumps(result))
     return 0
