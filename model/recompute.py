@@ -82,11 +82,12 @@ class _GroupNormSiLUDropout(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-def group_norm_silu_dropout(x: torch.Tensor, norm: nn.GroupNorm, p: float = 0.0, training: bool = False,
+def group_norm_silu_dropout(x: torch.Tensor, norm: nn.GroupNorm, dropout: nn.Module | None = None,
                             recompute: bool = True) -> torch.Tensor:
-    """Dropout_p(SiLU(norm(x))) (dropout only when `training` and p > 0). With `recompute` under autograd it
-    runs as one node that stores no normalised / activated intermediate (see the module docstring)."""
-    p = p if training else 0.0
+    """dropout(SiLU(norm(x))); `dropout` is an nn.Dropout (active in its training mode), nn.Identity or None.
+    With `recompute` under autograd it runs as one node that stores no normalised / activated intermediate
+    (see the module docstring)."""
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     if recompute and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
         return _GroupNormSiLUDropout.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps, p)
-    return F.dropout(F.silu(norm(x)), p, training) if p > 0 else F.silu(norm(x))
+    return F.dropout(F.silu(norm(x)), p) if p > 0 else F.silu(norm(x))

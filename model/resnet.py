@@ -39,8 +39,7 @@ class TemporalConvStage(RecomputeMixin, nn.Module):
         self.conv = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
-        h = group_norm_silu_dropout(x, self.norm, p, self.training, self.recompute_cheap)
+        h = group_norm_silu_dropout(x, self.norm, self.dropout, self.recompute_cheap)
         return F.conv2d(h, self.conv.weight.squeeze(-1), self.conv.bias, padding=(1, 0))
 
 
@@ -95,8 +94,7 @@ class ResBlock(RecomputeMixin, nn.Module):
         h = self.conv1(group_norm_silu_dropout(x, self.norm1, recompute=self.recompute_cheap))
         # in-place adds on conv outputs (no conv backward needs its own output): two fewer full-size buffers
         h += self.time_proj(F.silu(temb))[:, :, None, None]
-        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
-        h = self.conv2(group_norm_silu_dropout(h, self.norm2, p, self.training, self.recompute_cheap))
+        h = self.conv2(group_norm_silu_dropout(h, self.norm2, self.dropout, self.recompute_cheap))
         return self.temporal(h.add_(self.skip(x)), num_frames)
 
 
