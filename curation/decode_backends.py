@@ -44,7 +44,7 @@ def work_size(width: int, height: int, cfg: DecodeConfig) -> tuple[int, int]:
 
 
 class _MemorySink:
-    """Collects batches in lists (in-process decoding)."""
+    """Collects batches in lists (in-process decoding); copies the work batch it keeps."""
 
     def __init__(self, keep_work: bool):
         self.keep_work = keep_work
@@ -56,7 +56,7 @@ class _MemorySink:
         if small is not None:
             self.small.append(small)
         if self.keep_work:
-            self.work.append(work)
+            self.work.append(work.copy())  # `work` may be the decoder's reused batch buffer
         self.count += len(work)
 
     def drop_work(self) -> None:
@@ -75,7 +75,8 @@ class _MemorySink:
 
 
 class _FileSink:
-    """Streams batches into raw files in a scratch folder (child process); the parent maps them."""
+    """Streams batches into raw files in a scratch folder (child process); the parent maps them.
+    Batches are written as they come, so the decoder's reused buffer needs no copy."""
 
     def __init__(self, folder: str, keep_work: bool):
         self.folder = folder
@@ -219,13 +220,13 @@ def _decode_pyav(src, cfg, info: ProbeInfo, sink, sizes, budget_frames, start=0,
                     filled += 1
                     stamps.append(float(frame.time) if frame.time is not None else index / fps)
                     if filled == len(batch):
-                        _add(sink, batch.copy(), ws, hs, cfg, budget_frames)
+                        _add(sink, batch, ws, hs, cfg, budget_frames)  # the sink copies what it keeps
                         filled = 0
                 index += 1
             if end is not None and index >= end:
                 break
         if filled:
-            _add(sink, batch[:filled].copy(), ws, hs, cfg, budget_frames)
+            _add(sink, batch[:filled], ws, hs, cfg, budget_frames)
     finally:
         container.close()
     return np.asarray(stamps, np.float64), bad
