@@ -149,11 +149,10 @@ def wait_job_workers_gone(head, timeout: float = 30.0) -> float:
     while time.perf_counter() - start < timeout:
         try:
             procs = psutil.Process(head.proc.pid).children(recursive=True)
-            busy = [p for p in procs if "MapWorker" in " ".join(p.cmdline())]
+            if not any("MapWorker" in " ".join(p.cmdline()) for p in procs):
+                break
         except psutil.Error:
-            busy = [None]  # a process vanished while listing: look again
-        if not busy:
-            break
+            pass  # a process vanished while listing: look again
         time.sleep(0.2)
     return time.perf_counter() - start
 

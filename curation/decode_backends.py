@@ -44,7 +44,9 @@ def work_size(width: int, height: int, cfg: DecodeConfig) -> tuple[int, int]:
 
 
 class _MemorySink:
-    """Collects batches in lists (in-process decoding); copies the work batch it keeps."""
+    """Collects batches in lists (in-process decoding)."""
+
+    retains_batches = True  # keeps the arrays it is given: a reused buffer must be copied first
 
     def __init__(self, keep_work: bool):
         self.keep_work = keep_work
@@ -56,7 +58,7 @@ class _MemorySink:
         if small is not None:
             self.small.append(small)
         if self.keep_work:
-            self.work.append(work.copy())  # `work` may be the decoder's reused batch buffer
+            self.work.append(work)
         self.count += len(work)
 
     def drop_work(self) -> None:
@@ -75,8 +77,9 @@ class _MemorySink:
 
 
 class _FileSink:
-    """Streams batches into raw files in a scratch folder (child process); the parent maps them.
-    Batches are written as they come, so the decoder's reused buffer needs no copy."""
+    """Streams batches into raw files in a scratch folder (child process); the parent maps them."""
+
+    retains_batches = False  # writes each batch at once
 
     def __init__(self, folder: str, keep_work: bool):
         self.folder = folder
@@ -193,6 +196,10 @@ def _decode_pyav(src, cfg, info: ProbeInfo, sink, sizes, budget_frames, start=0,
         if span is not None:
             container.seek(max(0, int(span[0] / stream.time_base)), stream=stream, backward=True)
 
+        def flush(n: int) -> None:
+            # `batch` is reused: copied only for a sink that keeps it (not the decoder process's file sink)
+            _add(sink, batch[:n].copy() if sink.retains_batches else batch[:n], ws, hs, cfg, budget_frames)
+
         def frames_of(packet):
             try:
                 return packet.decode()
@@ -220,13 +227,13 @@ def _decode_pyav(src, cfg, info: ProbeInfo, sink, sizes, budget_frames, start=0,
                     filled += 1
                     stamps.append(float(frame.time) if frame.time is not None else index / fps)
                     if filled == len(batch):
-                        _add(sink, batch, ws, hs, cfg, budget_frames)  # the sink copies what it keeps
+                        flush(filled)
                         filled = 0
                 index += 1
             if end is not None and index >= end:
                 break
         if filled:
-            _add(sink, batch[:filled], ws, hs, cfg, budget_frames)
+            flush(filled)
     finally:
         container.close()
     return np.asarray(stamps, np.float64), bad
