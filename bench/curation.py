@@ -141,8 +141,9 @@ def run_pipeline(input_dir: Path, out_dir: Path, address: str) -> tuple[float, d
 
 
 def wait_job_workers_gone(head, timeout: float = 30.0) -> float:
-    """Seconds spent waiting until the head has no job worker process left (the first job's actors shut
-    down for a few seconds after its driver exits; their teardown is that job's cost, not (c)'s)."""
+    """Seconds spent waiting until no Ray Data actor process (`ray::MapWorker(...)`) is left under the head,
+    at most `timeout` (the first job's actors shut down for a few seconds after its driver exits; their
+    teardown is that job's cost, not (c)'s)."""
     import psutil
 
     start = time.perf_counter()
