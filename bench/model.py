@@ -8,7 +8,8 @@ Two measurements, both printed:
            each iteration); the ratio is taken within each iteration, then its median. On a shared machine
            (this project's 2-core VMs) the speed of a whole process drifts by +-10% from run to run, which
            swamped the separate-process ratio (one variant's process could land in a slow spell); steps run
-           back to back see the same machine.
+           back to back see the same machine. They also share one allocator, which seems to favour ours
+           (0.89-0.90x here against 0.97-0.98x own-proc, measured 2026-11-30): read both.
   own-proc each variant in its own subprocess (fresh allocator, nothing shared), `--rounds` of them
            interleaved: peak memory (the largest), and the separate-process step time.
 Two warm-up steps by default: on CPU diffusers' second step is often ~15% slower than its later ones (ours
