@@ -59,8 +59,9 @@ class _GroupNormSiLUDropout(torch.autograd.Function):
         if p > 0:
             # same distribution as nn.Dropout: zero with probability p, scale the rest by 1 / (1 - p). Only the
             # 1-byte mask is kept; uniform < p draws it ~1.6x faster on CPU than bernoulli_ into a bool tensor
-            # (neither parallelises; measured on the bench-cpu shapes), for a transient float tensor
-            dropped = torch.rand_like(out) < p
+            # (neither parallelises; measured on the bench-cpu shapes), for a transient float tensor. float32
+            # whatever the activations' dtype: a bf16 uniform would put p on a 2^-11 grid near 0.1
+            dropped = torch.rand_like(out, dtype=torch.float32) < p
             out.masked_fill_(dropped, 0.0).mul_(1.0 / (1.0 - p))
         ctx.save_for_backward(x, weight, bias, mean, rstd, dropped)
         ctx.groups, ctx.p = groups, p

@@ -197,3 +197,21 @@ def test_fused_group_norm_silu_dropout_matches_autograd():
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, ref_grads))
         if p:
             assert 0.5 < (out != 0).float().mean() < 0.9  # about 1 - p kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_dropout_rate_is_p(dtype):
+    """The fused node drops a fraction p of the activations (the mask is drawn in float32 whatever the dtype)
+    and scales the rest by 1 / (1 - p)."""
+    from model.recompute import group_norm_silu_dropout
+
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 64).to(dtype)
+    x = torch.randn(2, 64, 4, 4096, dtype=dtype, requires_grad=True)  # 2M activations: binomial sd 2e-4
+    out = group_norm_silu_dropout(x, norm, torch.nn.Dropout(0.1).train(), recompute=True)
+    dropped = (out == 0).double().mean().item()
+    assert abs(dropped - 0.1) < 2e-3
+    with torch.no_grad():
+        ref = torch.nn.functional.silu(norm(x)).float() / 0.9
+    kept = out != 0
+    assert torch.allclose(out.float()[kept], ref[kept], rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
