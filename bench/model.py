@@ -203,7 +203,7 @@ def main(argv=None) -> None:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--height", type=int, default=32, help="latent height")
     parser.add_argument("--width", type=int, default=32, help="latent width")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per own-process run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (see the module docstring)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="interleaved repetitions of every variant in a process of its own (memory, and "
