@@ -217,11 +217,37 @@ def _read_line(fd: int, deadline: float) -> bytes | None:
     return buf
 
 
-_DECODER = _DecoderProcess()
-atexit.register(_DECODER.kill)
-# A forked child (multiprocessing, a DataLoader worker) must not talk to its parent's decoder process
+class _DecoderPool:
+    """One decoder process per calling thread: a stage-1 actor that runs several sources at once (threads)
+    decodes them in parallel, each in its own killable process; a timeout or crash only restarts the
+    decoder of the thread it happened in."""
+
+    def __init__(self):
+        self._local = threading.local()
+        self._all: list[_DecoderProcess] = []
+        self._lock = threading.Lock()
+
+    def current(self) -> _DecoderProcess:
+        """This thread's decoder (created on first use; its process starts on its first job)."""
+        decoder = getattr(self._local, "decoder", None)
+        if decoder is None:
+            decoder = self._local.decoder = _DecoderProcess()
+            with self._lock:
+                self._all.append(decoder)
+        return decoder
+
+    def kill_all(self) -> None:
+        with self._lock:
+            decoders, self._all = self._all, []
+        for decoder in decoders:
+            decoder.kill()
+
+
+_DECODERS = _DecoderPool()
+atexit.register(_DECODERS.kill_all)
+# A forked child (multiprocessing, a DataLoader worker) must not talk to its parent's decoder processes
 # through the inherited pipes: it starts its own on first use.
-os.register_at_fork(after_in_child=lambda: _DECODER.__init__())
+os.register_at_fork(after_in_child=lambda: _DECODERS.__init__())
 
 
 def _map(path: str, shape: tuple) -> np.ndarray:
@@ -262,7 +288,7 @@ def _run(src: Source, cfg: DecodeConfig, info: ProbeInfo | None, *, start=0, end
         job = {"src": os.fspath(src), "cfg": asdict(cfg), "info": asdict(info) if info else None,
                "folder": folder, "start": start, "end": end, "small": small, "keep_work": keep_work,
                "inject": inject, "span": span}
-        meta = _DECODER.run(job, cfg.timeout_s)
+        meta = _DECODERS.current().run(job, cfg.timeout_s)
         if not meta["ok"]:
             raise SourceError(meta["error"])
         info = ProbeInfo(**meta["info"])

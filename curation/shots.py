@@ -19,6 +19,7 @@ Pipeline of `detect_cuts` (frame i is a cut when it is the first frame of a new 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -227,15 +228,18 @@ class SecondOpinion:
         check_weights(cfg.transnet_weights)
         self._cfg = cfg
         self._scorer = None
+        self._lock = threading.Lock()  # threads of one actor share one model, loaded once
 
     @property
     def scorer(self):
         """The TransNetScorer (loaded on first access)."""
-        if self._scorer is None:
-            from curation.transnet import TransNetScorer
+        with self._lock:
+            if self._scorer is None:
+                from curation.transnet import TransNetScorer
 
-            self._scorer = TransNetScorer(weights=self._cfg.transnet_weights, device=self._cfg.transnet_device,
-                                          precision=self._cfg.transnet_precision)
+                self._scorer = TransNetScorer(weights=self._cfg.transnet_weights,
+                                              device=self._cfg.transnet_device,
+                                              precision=self._cfg.transnet_precision)
         return self._scorer
 
     def cut_probabilities(self, small: np.ndarray, frames: list[int], tolerance: int = 1) -> dict[int, float]:

@@ -22,6 +22,8 @@ import random
 import cv2
 import numpy as np
 
+from curation.torch_rng import GLOBAL_RNG_LOCK
+
 WINDOW = 64  # frames per TransNetV2 forward
 CONTEXT = 25  # frames of context on each side that a kept prediction needs (as in the reference inference)
 VALID = (CONTEXT, WINDOW - CONTEXT)  # predictions inside a window that see enough context on both sides
@@ -77,21 +79,24 @@ class TransNetScorer:
                 pass
 
         # safety net: whatever global state the package still touches is restored
-        saved = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
-                 torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-                 torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-        try:
-            model = _TransNetV2(device="cpu")  # loads the packaged file; replaced below if another is given
-            if weights:
-                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        finally:
-            torch.set_rng_state(saved[0])
-            np.random.set_state(saved[1])
-            random.setstate(saved[2])
-            now = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-            if now != saved[3:5]:  # the setter is the costly call: only when something changed
-                torch.use_deterministic_algorithms(saved[3], warn_only=saved[4])
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[5], saved[6]
+        with GLOBAL_RNG_LOCK:  # another thread may be building a model from the global RNG (torch_rng.py)
+            saved = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
+                     torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled(),
+                     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+            try:
+                model = _TransNetV2(device="cpu")  # loads the packaged file; replaced below if another is given
+                if weights:
+                    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            finally:
+                torch.set_rng_state(saved[0])
+                np.random.set_state(saved[1])
+                random.setstate(saved[2])
+                now = (torch.are_deterministic_algorithms_enabled(),
+                       torch.is_deterministic_algorithms_warn_only_enabled())
+                if now != saved[3:5]:  # the setter is the costly call: only when something changed
+                    torch.use_deterministic_algorithms(saved[3], warn_only=saved[4])
+                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[5], saved[6]
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.model.device = self.device

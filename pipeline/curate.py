@@ -8,9 +8,10 @@ made on this machine). Without RAY_ADDRESS it starts a local Ray bound to 127.0.
 the driver can write (on a multi-node cluster: an absolute path on shared storage).
 
 Phases:
-1. stream (Ray Data, no full materialisation): sources -> stage 1 ProcessSources (CPU actors: decode once,
-   shots, cheap scores, encode) -> stage 2 ScoreClips (open_clip actors, GPU when there is one) -> the
-   driver writes each finished source atomically to OUT/staging/<key>.parquet (the resume checkpoint).
+1. stream (Ray Data, no full materialisation): sources -> stage 1 ProcessSources (CPU actors, several
+   sources at a time each: decode once, shots, cheap scores, encode; open_clip too on a cluster without a
+   GPU) -> stage 2 ScoreClips (open_clip actors on GPUs, when there are some) -> the driver writes each
+   finished source atomically to OUT/staging/<key>.parquet (the resume checkpoint).
 2. finalize (driver, cheap): late filters + global near-duplicate pass over all staged rows, shards packed
    by bytes in clip_id order, manifests, stats. Deterministic, so a resumed run equals an uninterrupted one.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import sys
 import time
@@ -35,6 +37,10 @@ from pipeline import manifest, shards, staging
 from pipeline.stats import build_stats, summary_lines, write_stats
 
 log = logging.getLogger("pipeline.curate")
+
+class JobError(RuntimeError):
+    """The job cannot go on (a model failed to load in an actor); what is staged so far stays for a resume."""
+
 
 RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -85,22 +91,40 @@ def init_ray(cfg: CurateConfig) -> None:
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **kwargs)
 
 
-def actor_resources(cfg: CurateConfig, cluster: dict[str, float]) -> dict[str, float]:
-    """Resolve the `job.*` sizes left at None against the cluster's resources.
+def actor_resources(cfg: CurateConfig, cluster: dict[str, float], node_cpus: list[float] | None = None) -> dict:
+    """Resolve `job.clip_placement` and the `job.*` sizes left at None against the cluster's resources.
 
-    Returns clip_gpus, clip_cpus (per open_clip actor) and process_actors (stage-1 pool size, fixed so all
-    actors start together). Stage-1 actors get the CPUs that the open_clip actors do not reserve.
+    `cluster`: ray.cluster_resources(); `node_cpus`: the CPUs of each alive node (None: one node).
+    Returns clip_in_stage1 (open_clip runs inside the stage-1 actors), clip_gpus and clip_cpus (per
+    open_clip actor in stage 2), threads (sources in flight per stage-1 actor), process_cpus (CPUs each
+    stage-1 actor reserves) and process_actors (stage-1 pool size, fixed so all actors start together).
+    Stage-1 actors get the CPUs that the open_clip actors do not reserve.
     """
     job = cfg.job
     has_gpu = cluster.get("GPU", 0) >= 1
-    clip_gpus = float(job.clip_num_gpus) if job.clip_num_gpus is not None else (1.0 if has_gpu else 0.0)
-    clip_cpus = float(job.clip_cpus) if job.clip_cpus is not None else (1.0 if clip_gpus > 0 else 0.0)
+    placement = job.clip_placement if job.clip_placement != "auto" else ("actors" if has_gpu else "stage1")
+    in_stage1 = placement == "stage1"
+    if in_stage1:
+        clip_gpus = clip_cpus = 0.0
+    else:
+        clip_gpus = float(job.clip_num_gpus) if job.clip_num_gpus is not None else (1.0 if has_gpu else 0.0)
+        clip_cpus = float(job.clip_cpus) if job.clip_cpus is not None else (1.0 if clip_gpus > 0 else 0.0)
+    total = cluster.get("CPU", 1)
+    free = total - (0.0 if in_stage1 else job.clip_actors * clip_cpus)
+    biggest_node = max(node_cpus) if node_cpus else total
+    # an actor must fit on one node: no more threads than one node has CPU shares for
+    threads = max(1, min(job.sources_per_actor, int(biggest_node // job.process_cpus)))
+    actor_cpus = job.process_cpus * threads
     if job.process_actors is not None:
         process_actors = job.process_actors
     else:
-        free = cluster.get("CPU", 1) - job.clip_actors * clip_cpus
-        process_actors = max(1, int(free // job.process_cpus))
-    return {"clip_gpus": clip_gpus, "clip_cpus": clip_cpus, "process_actors": process_actors}
+        slots = max(1, int(free // job.process_cpus))  # sources in flight over the whole cluster
+        process_actors = max(1, math.ceil(slots / threads))
+        if free > 0:
+            # e.g. 3 CPUs, 2 threads: two actors of 1.5 CPUs, not one actor and an idle CPU
+            actor_cpus = min(actor_cpus, free / process_actors)
+    return {"clip_in_stage1": in_stage1, "clip_gpus": clip_gpus, "clip_cpus": clip_cpus, "threads": threads,
+            "process_cpus": actor_cpus, "process_actors": process_actors}
 
 
 def largest_first(items: list[InputItem]) -> list[InputItem]:
@@ -122,9 +146,16 @@ def build_stream(cfg: CurateConfig, todo: list[InputItem]):
 
     from pipeline.stages import ProcessSources, ScoreClips, item_to_row
 
-    sizes = actor_resources(cfg, ray.cluster_resources())
-    log.info("stage-1 actors: %d x %g CPU; open_clip actors: %d x (%g CPU, %g GPU)", sizes["process_actors"],
-             cfg.job.process_cpus, cfg.job.clip_actors, sizes["clip_cpus"], sizes["clip_gpus"])
+    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    sizes = actor_resources(cfg, ray.cluster_resources(), nodes or None)
+    threads = sizes["threads"]
+    if sizes["clip_in_stage1"]:
+        log.info("stage-1 actors: %d x %g CPU, %d sources at a time each, open_clip inside them",
+                 sizes["process_actors"], sizes["process_cpus"], threads)
+    else:
+        log.info("stage-1 actors: %d x %g CPU, %d sources at a time each; open_clip actors: %d x (%g CPU, "
+                 "%g GPU)", sizes["process_actors"], sizes["process_cpus"], threads, cfg.job.clip_actors,
+                 sizes["clip_cpus"], sizes["clip_gpus"])
     ctx = ray.data.DataContext.get_current()
     # A worker that dies on a source (a native crash outside the decoder's own isolation) must not end the
     # job: the block is dropped and the driver records that source as an error after the stream.
@@ -138,27 +169,33 @@ def build_stream(cfg: CurateConfig, todo: list[InputItem]):
     )
     ds = ds.map_batches(
         ProcessSources,
-        fn_constructor_kwargs={"cfg": cfg},
+        fn_constructor_kwargs={"cfg": cfg, "score_clips": sizes["clip_in_stage1"]},
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=sizes["process_actors"]),
-        num_cpus=cfg.job.process_cpus,
+        compute=ray.data.ActorPoolStrategy(
+            size=sizes["process_actors"],
+            # several sources run at once in one actor, on Ray's threads (not one after the other)
+            max_concurrent_calls_per_actor=threads if threads > 1 else None,
+            enable_true_multi_threading=threads > 1,
+        ),
+        num_cpus=sizes["process_cpus"],
     )
-    ds = ds.map_batches(
-        ScoreClips,
-        fn_constructor_kwargs={"cfg": cfg},
-        batch_size=cfg.job.clip_sources_per_batch,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.job.clip_actors),
-        num_gpus=sizes["clip_gpus"],
-        num_cpus=sizes["clip_cpus"],
-    )
+    if not sizes["clip_in_stage1"]:
+        ds = ds.map_batches(
+            ScoreClips,
+            fn_constructor_kwargs={"cfg": cfg},
+            batch_size=cfg.job.clip_sources_per_batch,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.job.clip_actors),
+            num_gpus=sizes["clip_gpus"],
+            num_cpus=sizes["clip_cpus"],
+        )
     return ds
 
 
 def run_stream(cfg: CurateConfig, out: Path, todo: list[InputItem]) -> None:
     """Process `todo` on Ray and stage every finished source; sources lost to a dead worker become errors."""
-    from pipeline.stages import decode_payload
+    from pipeline.stages import CLIP_LOAD_ERROR, decode_payload
 
     staging_dir = out / "staging"
     by_key = {it.key: it for it in todo}
@@ -168,6 +205,8 @@ def run_stream(cfg: CurateConfig, out: Path, todo: list[InputItem]) -> None:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
             for key, payload in zip(batch["key"], batch["payload"]):
                 result: SourceResult = decode_payload(payload)
+                if result.source_row.get(CLIP_LOAD_ERROR):
+                    raise JobError(result.source_row[CLIP_LOAD_ERROR])
                 key = str(key)
                 staging.write_source(staging_dir, key, result.source_row, result.clip_rows, result.media)
                 done += 1
@@ -364,7 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"curate: error: {exc}", file=sys.stderr, flush=True)
         return 2
-    run(args.input, args.output, cfg, items)
+    try:
+        run(args.input, args.output, cfg, items)
+    except JobError as exc:
+        print(f"curate: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

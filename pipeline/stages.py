@@ -3,7 +3,12 @@
 Models load in `__init__` (once per actor); `__call__` maps a batch of rows to a batch of rows. A row
 between the stages is one source: `key` (its staging name) and `payload` (a pickled
 curation.process.SourceResult). Heavy frame arrays never leave stage 1 except the few sampled frames per
-clip that open_clip needs, and stage 2 drops those.
+clip that open_clip needs, and the open_clip scoring drops those.
+
+Where open_clip runs (`job.clip_placement`, resolved in pipeline/curate.py): in its own actors (stage 2,
+ScoreClips) when there is a GPU to put it on, else inside the stage-1 actors (ProcessSources with
+`score_clips=True`), which then score their own clips: no extra process importing torch and open_clip,
+and on a CPU-only cluster the scoring spreads over every core instead of queueing on one actor.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import dataclasses
 import json
 import logging
 import pickle
+import threading
 import time
 
 import numpy as np
@@ -20,8 +26,12 @@ import numpy as np
 from curation.config import CurateConfig
 from curation.inputs import InputItem
 from curation.process import CLIP_SIMILARITY, SourceResult, error_result, process_source
+from curation.torch_rng import GLOBAL_RNG_LOCK
 
 log = logging.getLogger(__name__)
+
+CLIP_LOAD_ERROR = "_clip_load_error"
+"""Private source-row key: open_clip failed to load in a stage-1 actor (the driver stops the job)."""
 
 
 def encode_payload(result: SourceResult) -> bytes:
@@ -56,7 +66,7 @@ def _make_second_opinion(cfg: CurateConfig):
 def _size_threads(cfg: CurateConfig, cpus: int) -> CurateConfig:
     """Library-chosen thread counts (decode.decoder_threads / encode.threads == 0) sized to the actor's CPUs.
 
-    The stage-1 pool fills the cluster with one actor per `process_cpus`, so every core is already busy:
+    The stage-1 pool fills the cluster with one source in flight per `process_cpus`, so every core is already busy:
     FFmpeg's and x264's automatic thread counts (about 1.5 per core of the machine) only add switching and
     frame-threading overhead there (measured: ~15% more CPU per decode, ~25% more per encode). Explicit
     non-zero settings are kept.
@@ -69,60 +79,26 @@ def _size_threads(cfg: CurateConfig, cpus: int) -> CurateConfig:
     return dataclasses.replace(cfg, decode=decode, encode=encode)
 
 
-class ProcessSources:
-    """Stage 1 (CPU): read -> probe -> decode once -> shots -> clips -> cheap scores -> encode."""
-
-    def __init__(self, cfg: CurateConfig):
-        import cv2
-
-        # One actor = job.process_cpus cores: OpenCV's own thread pool would oversubscribe them.
-        cpus = max(1, int(cfg.job.process_cpus))
-        cv2.setNumThreads(cpus)
-        self.cfg = _size_threads(cfg, cpus)
-        self.second_opinion = _make_second_opinion(cfg)
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-
-    def _guarded(self, item: InputItem) -> SourceResult:
-        """process_source with a wall-clock bound: a hung decoder becomes status=error, the actor goes on."""
-        future = self._pool.submit(process_source, item, self.cfg, self.second_opinion)
-        try:
-            return future.result(timeout=self.cfg.job.source_timeout_s)
-        except concurrent.futures.TimeoutError:
-            # The stuck thread cannot be killed; abandon it (its decoder has its own timeout) and go on
-            # with a fresh worker thread so the next source is not queued behind it.
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-            return error_result(item, f"timed out after {self.cfg.job.source_timeout_s:g} s (job.source_timeout_s)")
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        keys, payloads = [], []
-        for row in _rows(batch):
-            item = item_from_row(row)
-            result = self._guarded(item)
-            keys.append(item.key)
-            payloads.append(encode_payload(result))
-        return {"key": keys, "payload": payloads}
-
-
-class ScoreClips:
-    """Stage 2 (GPU when available): open_clip similarity of each clip's sampled frames and its caption.
+class ClipScoring:
+    """open_clip (and the optional aesthetic head) loaded once per actor; fills each clip row's
+    clip_similarity (and aesthetic) in place.
 
     With random weights (model tiny-random) the scores are recorded but flagged, and the driver does not
-    filter on them.
+    filter on them. Thread-safe: inference only, the model is never changed after __init__.
     """
 
     def __init__(self, cfg: CurateConfig):
         import torch
 
-        # imported here, not at module level: stage-1 actors have no use for open_clip
+        # imported here, not at module level: actors that do not score have no use for open_clip
         from curation.clip_score import ClipScorer, clip_similarity
 
         self._clip_similarity = clip_similarity
-        self.cfg = cfg
         # A model without a checkpoint is randomly initialised: seed it so every actor (and a resumed run)
         # builds the same one and records the same scores. Real weights do not depend on this.
-        torch.manual_seed(0)
-        self.scorer = ClipScorer(cfg.scores.clip)
+        with GLOBAL_RNG_LOCK:  # TransNetV2 may be loading on another thread of this actor (torch_rng.py)
+            torch.manual_seed(0)
+            self.scorer = ClipScorer(cfg.scores.clip)
         self.head = None
         if cfg.scores.quality.aesthetic_head:
             from curation.quality import AestheticHead
@@ -149,17 +125,96 @@ class ScoreClips:
         result.source_row["_clip_random_weights"] = bool(self.scorer.random_weights)
         result.source_row.setdefault("_timing", {})["clip_s"] = time.perf_counter() - t0
 
+    def score_or_reject(self, result: SourceResult) -> None:
+        """score(), where a failure rejects this source's clips (score_error) and nothing more."""
+        try:
+            self.score(result)
+        except Exception as exc:
+            result.clip_frames = []
+            msg = f"clip scoring failed: {type(exc).__name__}: {exc}"[:500]
+            for clip_row in result.clip_rows:
+                clip_row["score_error"] = msg
+
+
+class ProcessSources:
+    """Stage 1 (CPU): read -> probe -> decode once -> shots -> clips -> cheap scores -> encode
+    [-> open_clip scores, with `score_clips`].
+
+    Ray Data may call one instance from several threads at once (job.sources_per_actor): each thread
+    gets its own watchdog thread and decoder process; the models (TransNetV2, open_clip) are shared.
+    """
+
+    def __init__(self, cfg: CurateConfig, score_clips: bool = False):
+        import cv2
+
+        # One source = job.process_cpus cores: OpenCV's own thread pool would oversubscribe them.
+        cpus = max(1, int(cfg.job.process_cpus))
+        cv2.setNumThreads(cpus)
+        self.cfg = _size_threads(cfg, cpus)
+        self.second_opinion = _make_second_opinion(cfg)
+        self._local = threading.local()
+        self._scoring = None
+        if score_clips:
+            # open_clip (torch + open_clip imports, the model: seconds) loads in the background while the
+            # first sources decode; only their scoring waits for it
+            loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip-load")
+            self._scoring = loader.submit(ClipScoring, cfg)
+            loader.shutdown(wait=False)
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        """This calling thread's watchdog worker (one source at a time per calling thread)."""
+        pool = getattr(self._local, "pool", None)
+        if pool is None:
+            pool = self._local.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        return pool
+
+    def _guarded(self, item: InputItem) -> SourceResult:
+        """process_source with a wall-clock bound: a hung decoder becomes status=error, the actor goes on."""
+        future = self._pool().submit(process_source, item, self.cfg, self.second_opinion)
+        try:
+            return future.result(timeout=self.cfg.job.source_timeout_s)
+        except concurrent.futures.TimeoutError:
+            # The stuck thread cannot be killed; abandon it (its decoder has its own timeout) and go on
+            # with a fresh worker thread so the next source is not queued behind it.
+            self._pool().shutdown(wait=False, cancel_futures=True)
+            self._local.pool = None
+            return error_result(item, f"timed out after {self.cfg.job.source_timeout_s:g} s (job.source_timeout_s)")
+
+    def _score(self, result: SourceResult) -> None:
+        try:
+            scoring = self._scoring.result()
+        except Exception as exc:
+            # a model that cannot load is a setup error, not a property of this source: the source is
+            # flagged and the driver stops the job with this reason (nothing of this source is staged)
+            result.clip_frames = []
+            result.source_row[CLIP_LOAD_ERROR] = f"open_clip did not load: {type(exc).__name__}: {exc}"[:500]
+            return
+        scoring.score_or_reject(result)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        keys, payloads = [], []
+        for row in _rows(batch):
+            item = item_from_row(row)
+            result = self._guarded(item)
+            if self._scoring is not None:
+                self._score(result)
+            keys.append(item.key)
+            payloads.append(encode_payload(result))
+        return {"key": keys, "payload": payloads}
+
+
+class ScoreClips:
+    """Stage 2 (its own actors, on a GPU when there is one): open_clip similarity of each clip's sampled
+    frames and its caption."""
+
+    def __init__(self, cfg: CurateConfig):
+        self.scoring = ClipScoring(cfg)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         keys, payloads = [], []
         for row in _rows(batch):
             result = decode_payload(row["payload"])
-            try:
-                self.score(result)
-            except Exception as exc:  # a scoring failure rejects this source's clips (score_error), nothing more
-                result.clip_frames = []
-                msg = f"clip scoring failed: {type(exc).__name__}: {exc}"[:500]
-                for clip_row in result.clip_rows:
-                    clip_row["score_error"] = msg
+            self.scoring.score_or_reject(result)
             keys.append(str(row["key"]))
             payloads.append(encode_payload(result))
         return {"key": keys, "payload": payloads}

@@ -89,9 +89,10 @@ def _curate_cmd(inp: Path, out: Path, extra: list[str] = ()) -> list[str]:
     return [sys.executable, "-m", "pipeline.curate", "--input", str(inp), "--output", str(out), *OVERRIDES, *extra]
 
 
-def _run_driver(ray_cluster, inp, out, timeout=240) -> subprocess.CompletedProcess:
+def _run_driver(ray_cluster, inp, out, timeout=240, extra: list[str] = ()) -> subprocess.CompletedProcess:
     env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["address"]}
-    res = subprocess.run(_curate_cmd(inp, out), env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(_curate_cmd(inp, out, extra), env=env, cwd=REPO, capture_output=True, text=True,
+                         timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
 
@@ -193,7 +194,9 @@ def test_killed_then_resumed_run_equals_uninterrupted(ray_cluster, inputs, full_
     env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["address"]}
     # One stage-1 actor and one source per open_clip batch: sources reach staging one by one, so the kill
     # lands mid-run however fast the machine is (job.* settings may differ between a run and its resume).
-    slow = ["job.process_actors=1", "job.clip_sources_per_batch=1"]
+    # The killed run scores in open_clip actors of their own, the resume inside stage 1 with two sources
+    # per actor, the full run inside stage 1 one source at a time: all three must agree.
+    slow = ["job.process_actors=1", "job.clip_sources_per_batch=1", "job.clip_placement=actors"]
     proc = subprocess.Popen(_curate_cmd(inputs["folder"], out, slow), env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     n_inputs = len([p for p in inputs["folder"].iterdir() if p.suffix in (".mp4", ".jpg")])
@@ -212,7 +215,7 @@ def test_killed_then_resumed_run_equals_uninterrupted(ray_cluster, inputs, full_
     n_staged = len(list((out / "staging").glob("*.parquet")))
     assert 1 <= n_staged < n_inputs  # really killed mid-run
     assert not (out / "manifest" / "clips.parquet").exists()
-    res = _run_driver(ray_cluster, inputs["folder"], out)
+    res = _run_driver(ray_cluster, inputs["folder"], out, extra=["job.sources_per_actor=2"])
     assert f"{n_staged} already staged" in res.stdout
     a_src, a_clips = _canonical(full_run)
     b_src, b_clips = _canonical(out)

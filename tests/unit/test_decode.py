@@ -157,7 +157,7 @@ def test_hanging_decoder_is_killed(shots_video):
     # the injected hang blocks inside C (libc pause()); only killing the decoder process can end it
     with pytest.raises(SourceError, match="decode timed out after 1 s"):
         decode_video(path, DecodeConfig(timeout_s=1.0), _inject="hang")
-    assert dec._DECODER.proc is None  # killed and reaped
+    assert dec._DECODERS.current().proc is None  # killed and reaped
     assert decode_video(path, DecodeConfig()).num_frames == 90  # the caller is fine afterwards
 
 
@@ -173,10 +173,10 @@ def test_one_decoder_process_serves_many_sources(shots_video):
 
     path, _, n = shots_video
     decode_video(path, DecodeConfig())
-    pid = dec._DECODER.proc.pid
+    pid = dec._DECODERS.current().proc.pid
     for _ in range(3):
         assert decode_video(path, DecodeConfig()).num_frames == n
-    assert dec._DECODER.proc.pid == pid and dec._DECODER.proc.poll() is None
+    assert dec._DECODERS.current().proc.pid == pid and dec._DECODERS.current().proc.poll() is None
 
 
 @pytest.mark.parametrize("field, value", [("detect_width", 127), ("work_max_side", 0), ("isolation", "thread"),

@@ -1,0 +1,125 @@
+"""The Ray stage classes called directly (no Ray): open_clip inside stage 1, several sources per actor, and
+how the job sizes its actors from the cluster's resources."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from curation.config import load_config
+from curation.inputs import InputItem
+from pipeline.curate import actor_resources
+from pipeline.stages import CLIP_LOAD_ERROR, ProcessSources, ScoreClips, decode_payload, item_to_row
+from tests import synth
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_YAML = REPO / "configs" / "curate_default.yaml"
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(DEFAULT_YAML,
+                       ["shots.min_shot_s=0.5", "filter.min_duration_s=0.5", "decode.timeout_s=60"])
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("stages")
+    return [synth.write_shots_video(folder / f"v{k}.mp4", (30, 24, 36), seed=k)[0] for k in range(3)]
+
+
+def _batch(path: Path) -> dict:
+    item = InputItem(source=str(path), uri=str(path), kind="video", caption="a textured pattern moves sideways")
+    return {"item": np.array([item_to_row(item)["item"]], dtype=object)}
+
+
+def _result(out: dict):
+    return decode_payload(out["payload"][0])
+
+
+def _rows(result) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "_timing"} for r in result.clip_rows]
+
+
+def test_open_clip_in_stage1_equals_its_own_stage(cfg, videos):
+    """clip_placement 'stage1' (ProcessSources scoring its own clips) gives the rows of stage 1 followed
+    by stage 2 (ScoreClips), and drops the sampled frames before the payload leaves the actor."""
+    fused = _result(ProcessSources(cfg, score_clips=True)(_batch(videos[0])))
+    plain = ProcessSources(cfg)(_batch(videos[0]))
+    assert _result(plain).clip_frames  # stage 1 alone ships the sampled frames on
+    two_stage = _result(ScoreClips(cfg)({"key": plain["key"], "payload": plain["payload"]}))
+    assert fused.clip_frames == [] and two_stage.clip_frames == []
+    assert len(fused.clip_rows) == 3
+    assert all(np.isfinite(r["clip_similarity"]) for r in fused.clip_rows)
+    assert _rows(fused) == _rows(two_stage)
+    assert fused.media == two_stage.media
+
+
+def test_open_clip_that_cannot_load_flags_the_source_for_the_driver(cfg, videos, tmp_path):
+    broken = tmp_path / "vit.safetensors"
+    broken.write_bytes(b"not a checkpoint")
+    bad = dataclasses.replace(cfg, scores=dataclasses.replace(
+        cfg.scores, clip=dataclasses.replace(cfg.scores.clip, checkpoint=str(broken))))
+    res = _result(ProcessSources(bad, score_clips=True)(_batch(videos[0])))
+    assert "open_clip did not load" in res.source_row[CLIP_LOAD_ERROR]
+    assert res.clip_frames == []
+
+
+def test_sources_run_in_parallel_threads_with_their_own_decoders(cfg, videos):
+    """One actor called from several threads at once (job.sources_per_actor): every source gives what it
+    gives alone, and each calling thread decodes in a decoder process of its own."""
+    import curation.decode as dec
+
+    stage = ProcessSources(cfg, score_clips=True)
+    alone = [_rows(_result(stage(_batch(v)))) for v in videos]
+    got: dict[int, list] = {}
+    pids: dict[int, int] = {}
+    barrier = threading.Barrier(len(videos))
+
+    def work(k: int) -> None:
+        barrier.wait()  # all three start together
+        got[k] = _rows(_result(stage(_batch(videos[k]))))
+        pids[k] = stage._local.pool.submit(lambda: dec._DECODERS.current().proc.pid).result()
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(videos))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [got[k] for k in range(len(videos))] == alone
+    assert len(set(pids.values())) == len(videos)
+
+
+@pytest.mark.parametrize("cluster, nodes, overrides, want", [
+    # CPU only: open_clip in stage 1, one actor per CPU
+    ({"CPU": 2}, [2], [], dict(clip_in_stage1=True, threads=1, process_cpus=1.0, process_actors=2)),
+    # a GPU: open_clip gets its actor (1 GPU, 1 CPU), stage 1 the rest
+    ({"CPU": 8, "GPU": 1}, [8], [], dict(clip_in_stage1=False, clip_gpus=1.0, clip_cpus=1.0, process_actors=7)),
+    # CPU only but asked for its own actors: 0 CPU reserved, stage 1 keeps every CPU
+    ({"CPU": 4}, [4], ["job.clip_placement=actors"], dict(clip_in_stage1=False, clip_cpus=0.0, process_actors=4)),
+    # two sources per actor
+    ({"CPU": 8}, [8], ["job.sources_per_actor=2"], dict(threads=2, process_cpus=2.0, process_actors=4)),
+    # 3 CPUs, 2 per actor: two actors of 1.5 CPUs, no idle CPU
+    ({"CPU": 3}, [3], ["job.sources_per_actor=2"], dict(threads=2, process_cpus=1.5, process_actors=2)),
+    # an actor must fit on one node: no more threads than the biggest node has CPUs
+    ({"CPU": 8}, [2, 2, 2, 2], ["job.sources_per_actor=4"], dict(threads=2, process_cpus=2.0, process_actors=4)),
+    # explicit pool size
+    ({"CPU": 16}, [16], ["job.process_actors=3", "job.sources_per_actor=2"],
+     dict(threads=2, process_cpus=2.0, process_actors=3)),
+])
+def test_actor_sizes_follow_the_cluster(cluster, nodes, overrides, want):
+    sizes = actor_resources(load_config(DEFAULT_YAML, overrides), cluster, nodes)
+    assert {k: sizes[k] for k in want} == want
+
+
+def test_clip_placement_and_threads_are_checked_early():
+    from common.configtree import ConfigError
+
+    with pytest.raises(ConfigError, match="job.clip_placement.*valid keys"):
+        load_config(DEFAULT_YAML, ["job.clip_placement=gpu"])
+    with pytest.raises(ConfigError, match="job.sources_per_actor"):
+        load_config(DEFAULT_YAML, ["job.sources_per_actor=0"])
