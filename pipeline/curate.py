@@ -38,6 +38,7 @@ from pipeline.stats import build_stats, summary_lines, write_stats
 
 log = logging.getLogger("pipeline.curate")
 
+
 class JobError(RuntimeError):
     """The job cannot go on (a model failed to load in an actor); what is staged so far stays for a resume."""
 
@@ -141,7 +142,7 @@ def largest_first(items: list[InputItem]) -> list[InputItem]:
 
 
 def build_stream(cfg: CurateConfig, todo: list[InputItem]):
-    """The Ray Data pipeline: items -> ProcessSources -> ScoreClips (lazy; consumed by the driver)."""
+    """The Ray Data pipeline: items -> ProcessSources [-> ScoreClips] (lazy; consumed by the driver)."""
     import ray
 
     from pipeline.stages import ProcessSources, ScoreClips, item_to_row
