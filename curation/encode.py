@@ -121,7 +121,9 @@ def encode_mp4(frames: YuvFrames | np.ndarray, fps: float, cfg: EncodeConfig) ->
         stream.codec_context.thread_count = cfg.threads
         stream.options = {"crf": str(cfg.crf), "preset": cfg.preset}
         for i, f in enumerate(i420):
-            frame = av.VideoFrame.from_ndarray(f, format="yuv420p")
+            # a view of the array, no copy (from_ndarray copies every frame): libx264 copies its input
+            # picture into its own buffers, and the frame keeps the array alive until then
+            frame = av.VideoFrame.from_numpy_buffer(np.ascontiguousarray(f), format="yuv420p")
             frame.pts = i
             frame.time_base = time_base
             container.mux(stream.encode(frame))
