@@ -412,5 +412,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """End the driver process with `code`, skipping the interpreter's teardown.
+
+    By now every output is written and closed; Ray is disconnected here first (what its atexit hook would
+    do). What is skipped is the garbage collection of every module the driver imported (pyarrow, pandas,
+    Ray Data): 0.3-0.5 s of nothing, measured on a one-video job, that a user waits for at every run.
+    """
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -195,6 +195,17 @@ def test_cli_config_mistakes_fail_early_with_the_field_named(tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # nothing written before the checks pass
 
 
+def test_cli_process_exit_status_and_messages_survive_the_fast_exit(tmp_path):
+    """`python -m pipeline.curate` leaves through os._exit (exit_now): the status and stderr still arrive."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "pipeline.curate", "--input", str(REPO / "tests" / "assets" / "sample"),
+           "--output", str(tmp_path / "o"), "encode.max_side=1024"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "decode.work_max_side" in res.stderr
+
+
 def test_over_memory_budget_gives_the_same_clips_by_seeking(cfg, video):
     """A source too big for decode.max_memory_mb keeps only the small frames and re-decodes each clip (by
     seeking, from a path or from bytes written once): same rows, same mp4 bytes as the in-memory path."""
