@@ -243,3 +243,21 @@ def test_cli_under_ray_job_submit(ray_cluster, tmp_path):
     clips = _table(out, "clips")
     assert len(clips) == 1 and clips["kind"][0] == "image"
     assert set(_shard_samples(out)) == set(clips.loc[clips["kept"], "clip_id"])
+
+
+def test_open_clip_that_cannot_load_stops_the_job_with_its_reason(ray_cluster, tmp_path):
+    """open_clip loads inside the stage-1 actors here (no GPU): a checkpoint that exists but does not load
+    ends the job with that reason and exit status 1, not with every clip silently rejected."""
+    broken = tmp_path / "open_clip_model.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    inp = tmp_path / "inp"
+    inp.mkdir()
+    sample = REPO / "tests" / "assets" / "sample"
+    for name in ("tears_of_steel_frame_0040.jpg", "tears_of_steel_frame_0040.txt"):
+        (inp / name).write_bytes((sample / name).read_bytes())
+    env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["address"]}
+    res = subprocess.run(_curate_cmd(inp, tmp_path / "out", [f"scores.clip.checkpoint={broken}"]), env=env,
+                         cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "open_clip did not load" in res.stderr
+    assert not (tmp_path / "out" / "manifest").exists()
