@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from common.configtree import ConfigError
 from curation.dedup import DedupIndex, find_duplicates
@@ -66,6 +67,12 @@ REJECT_REASONS: dict[str, str] = {
 }
 
 
+DedupPriority = Literal[
+    "clip_similarity", "aesthetic", "sharpness", "contrast", "colorfulness", "text_score", "motion", "duration_s"
+]
+"""Score columns that can rank a near-duplicate group (highest kept)."""
+
+
 @dataclass
 class FilterConfig:
     """Thresholds of the late filter (`filter`); None switches a rule off."""
@@ -103,8 +110,9 @@ class FilterConfig:
     """Near-duplicates: phash within this many bits of a kept clip; None switches dedup off."""
     dedup_bands: int = 4
     """LSH bands for dedup (curation.dedup): 4 suits up to a few million clips per dedup pass."""
-    dedup_priority: str = "clip_similarity"
-    """Score column deciding which clip of a duplicate group is kept (highest; NaN lowest; ties: clip_id)."""
+    dedup_priority: DedupPriority = "clip_similarity"
+    """Score column deciding which clip of a duplicate group is kept (highest; NaN lowest; ties: clip_id).
+    With random CLIP weights (tiny-random) clip_similarity is replaced by sharpness (pipeline.curate.final_filter)."""
 
 
 def validate_filter_config(cfg: FilterConfig, *, clip_random_weights: bool = False, has_aesthetic: bool = True) -> None:
@@ -126,6 +134,10 @@ def validate_filter_config(cfg: FilterConfig, *, clip_random_weights: bool = Fal
         )
     if cfg.min_aesthetic is not None and not has_aesthetic:
         raise ConfigError("filter.min_aesthetic needs scores.quality.aesthetic_head (or set it to null)")
+    if cfg.dedup_priority == "aesthetic" and not has_aesthetic:
+        raise ConfigError("filter.dedup_priority=aesthetic needs scores.quality.aesthetic_head")
+    if cfg.dedup_bands < 1:
+        raise ConfigError("filter.dedup_bands must be >= 1")
 
 
 def _value(row: dict, key: str) -> float | None:

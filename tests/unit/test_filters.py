@@ -8,8 +8,12 @@ import random
 import pytest
 
 from common.configtree import ConfigError
+import typing
+
 from curation.filters import (
     REJECT_REASONS,
+    SCORE_COLUMNS,
+    DedupPriority,
     FilterConfig,
     apply_filters,
     reject_reason,
@@ -103,6 +107,14 @@ def test_validate_filter_config():
         validate_filter_config(FilterConfig(dedup_max_hamming=20, dedup_bands=2))
     with pytest.raises(ConfigError, match="aesthetic_head"):
         validate_filter_config(FilterConfig(min_aesthetic=5.0), has_aesthetic=False)
+    with pytest.raises(ConfigError, match="dedup_priority=aesthetic"):
+        validate_filter_config(FilterConfig(dedup_priority="aesthetic"), has_aesthetic=False)
+
+
+def test_dedup_priority_choices_are_numeric_score_columns():
+    choices = typing.get_args(DedupPriority)
+    assert "clip_similarity" in choices and set(choices) <= set(SCORE_COLUMNS)
+    assert not {"text_issue", "phash", "score_error", "duplicate_of"} & set(choices)  # not scores to rank by
 
 
 def test_apply_filters_dedups_only_survivors_deterministically():
