@@ -19,7 +19,6 @@ Phases:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 import os
@@ -30,9 +29,9 @@ from pathlib import Path
 from common.configtree import ConfigError
 from curation import config as config_mod
 from curation.config import CurateConfig
-from curation.filters import mark_duplicates, reject_reason
+from curation.filters import apply_filters
 from curation.inputs import InputItem, is_local, list_inputs, source_key
-from curation.process import SourceResult, error_result, filter_cfg_for
+from curation.process import SourceResult, error_result
 from pipeline import manifest, shards, staging
 from pipeline.stats import build_stats, summary_lines, write_stats
 
@@ -226,32 +225,6 @@ def run_stream(cfg: CurateConfig, out: Path, todo: list[InputItem]) -> None:
 # --------------------------------------------------------------------------- finalize
 
 
-def final_filter(clip_rows: list[dict], media_sizes: list[int], cfg: CurateConfig, random_weights: bool) -> None:
-    """Set reject_reason / kept on every row in place: per-row rules per kind, then dedup per kind."""
-    fcfg = cfg.filter
-    if random_weights:
-        # never decide anything on random-weight scores: no similarity threshold, and near-duplicate groups
-        # keep their sharpest clip instead of the "best matching" one
-        fcfg = dataclasses.replace(fcfg, min_clip_similarity=None)
-        if fcfg.dedup_priority == "clip_similarity":
-            fcfg = dataclasses.replace(fcfg, dedup_priority="sharpness")
-    for row, size in zip(clip_rows, media_sizes):
-        row.setdefault("score_error", None)
-        row.setdefault("duplicate_of", None)
-        reason = reject_reason(row, filter_cfg_for(fcfg, row["kind"]))
-        if reason is None and size == 0:
-            # passes now but was not encoded in stage 1: only possible when filters were loosened on a
-            # resumed run; never write an empty sample
-            row["score_error"] = "not encoded in stage 1 (filters loosened after staging? use a new OUT)"
-            reason = "score_error"
-        row["reject_reason"] = reason
-        row["kept"] = reason is None
-    for kind in ("video", "image"):
-        mark_duplicates([r for r in clip_rows if r["kind"] == kind], fcfg)
-    for row in clip_rows:
-        row["kept"] = row["reject_reason"] is None
-
-
 def _sample_members(row: dict, mp4: bytes | None, jpg: bytes | None) -> dict[str, bytes]:
     members = {"txt": (row.get("caption") or "").encode("utf-8"), "json": staging.dumps(public(row)).encode()}
     if row["kind"] == "video":
@@ -305,7 +278,8 @@ def finalize(cfg: CurateConfig, out: Path, items: list[InputItem]) -> tuple[list
             clip_rows.append(row)
             sizes[row["clip_id"]] = n
     random_weights = any(r.get("_clip_random_weights") for r in source_rows)
-    final_filter(clip_rows, [sizes[r["clip_id"]] for r in clip_rows], cfg, random_weights)
+    apply_filters(clip_rows, cfg.filter, media_bytes=[sizes[r["clip_id"]] for r in clip_rows],
+                  random_weights=random_weights)
     counts, total = write_all_shards(out, clip_rows, sizes, cfg.output.shard_max_bytes)
     manifest.write_manifests(out, [public(r) for r in source_rows], [public(r) for r in clip_rows])
     return source_rows, clip_rows, counts, total
