@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,14 +38,19 @@ def test_write_shard_is_atomic_deterministic_and_webdataset_readable(tmp_path):
     path = tmp_path / "video-000000.tar"
     assert shards.write_shard(path, samples) == 2
     first = path.read_bytes()
-    shards.write_shard(path, samples)
+    shards.write_shard(path, [(k, dict(reversed(m.items()))) for k, m in samples])  # members in another order
     assert path.read_bytes() == first  # mtime 0, fixed order: byte-identical rewrite
-    assert not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in tmp_path.iterdir()] == ["video-000000.tar"]  # no temp file left
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members] == [f"{k}.{ext}" for k, _ in samples for ext in ("jpg", "json", "mp4", "txt")]
+    assert {(m.mtime, m.uname, m.gname, m.uid, m.gid, m.mode) for m in members} == {(0, "", "", 0, 0, 0o644)}
     got = list(wds.WebDataset(str(path), shardshuffle=False))
     assert [s["__key__"] for s in got] == ["abc_000000_000010", "abc_000010_000020"]
     assert got[1]["mp4"] == b"\x01mp4" and got[1]["txt"] == b"a dog" and json.loads(got[1]["json"]) == {"k": 2}
     with pytest.raises(ValueError, match="must not contain"):
         shards.write_shard(tmp_path / "x.tar", [("a.b", {"txt": b""})])
+    assert not (tmp_path / "x.tar").exists() and len(list(tmp_path.iterdir())) == 1  # the failed write left nothing
 
 
 def test_clean_shard_dir_removes_temp_and_stale(tmp_path):
