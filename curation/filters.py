@@ -1,6 +1,6 @@
 """Late filter (stage 5): every candidate clip keeps all its scores; this decides `kept` and `reject_reason`.
 
-`apply_filters` is the late filter the job runs (its finalize step calls it on every staged clip row): per
+`apply_filters` is the late filter the job runs (pipeline.finalize calls it on every staged clip row): per
 row `reject_reason` with the rules of the row's kind (`for_kind`), then near-duplicates per kind.
 
 A row is a dict holding a clip's columns (see SCORE_COLUMNS). `reject_reason` walks the rules in the order

@@ -44,6 +44,11 @@ def dumps(row: dict) -> str:
     return json.dumps(clean, default=_json_default, sort_keys=True)
 
 
+def folder_of(out_dir: str | Path) -> Path:
+    """OUT/staging: the staging area of the job writing to OUT."""
+    return Path(out_dir) / "staging"
+
+
 def staging_path(staging_dir: str | Path, key: str) -> Path:
     """OUT/staging/<key>.parquet."""
     return Path(staging_dir) / f"{key}{SUFFIX}"

@@ -1,17 +1,22 @@
-"""Staging files, shard planning/writing and manifests: deterministic, atomic, readable by webdataset."""
+"""Staging files, shard planning/writing, finalize and manifests: deterministic, atomic, and every shard
+kind read back through a `webdataset` pipeline as the training loader reads it."""
 
 from __future__ import annotations
 
 import json
 import math
 import tarfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from curation.config import CurateConfig
+from curation.inputs import InputItem
 from pipeline import manifest, shards, staging
+from pipeline.finalize import finalize
 
 
 def test_plan_is_by_bytes_sorted_and_order_independent():
@@ -108,3 +113,97 @@ def test_manifests_follow_the_contract(tmp_path):
     assert c.column("kept").to_pylist() == [False, True]
     assert math.isnan(c.column("clip_similarity").to_pylist()[0])
     assert c.column("sharpness").to_pylist() == [None, None]
+
+
+def _clip(source: str, kind: str, start: int, **kw) -> dict:
+    """A clip row as stage 1 stages it (every score the default filter reads, passing values)."""
+    from curation.process import clip_id_for
+
+    end = start + (48 if kind == "video" else 1)
+    row = {"clip_id": clip_id_for(source, start, end), "source": source, "kind": kind, "shot_index": 0,
+           "start_frame": start, "end_frame": end, "start_s": start / 24, "end_s": end / 24, "fps": 24.0,
+           "duration_s": 2.0, "width": 64, "height": 48, "caption": f"caption of {source}", "text_issue": None,
+           "text_score": 0.9, "out_fps": 24.0, "out_width": 64, "out_height": 48, "sharpness": 100.0,
+           "brightness": 0.5, "contrast": 0.2, "colorfulness": 10.0, "blank_fraction": 0.0,
+           "clip_similarity": 0.3, "phash": (start + 1) * 0x0101010101, "motion": 5.0, "flicker": 0.1}
+    if kind == "image":
+        row.update(motion=None, flicker=None, duration_s=None, fps=None, out_fps=None)
+    row.update(kw)
+    return row
+
+
+def _stage_inputs(out: Path) -> list[InputItem]:
+    """Two videos (3 + 1 clips: one static, one a near-duplicate of a.mp4's clip) and one image, staged as
+    stage 1 leaves them (random CLIP weights, as with tiny-random)."""
+    items = [InputItem("b.mp4", "/in/b.mp4", "video", "caption of b.mp4"),
+             InputItem("a.mp4", "/in/a.mp4", "video", "caption of a.mp4"),
+             InputItem("still.jpg", "/in/still.jpg", "image", "caption of still.jpg")]
+    clips = {
+        "b.mp4": [_clip("b.mp4", "video", 0), _clip("b.mp4", "video", 48, motion=0.0),  # static: rejected
+                  _clip("b.mp4", "video", 96)],
+        "a.mp4": [_clip("a.mp4", "video", 0, clip_similarity=float("nan"), sharpness=200.0)],  # = b's first phash
+        "still.jpg": [_clip("still.jpg", "image", 0)],
+    }
+    for item in items:
+        rows = clips[item.source]
+        media = [((f"mp4 of {r['clip_id']}".encode() * 40) if item.kind == "video" else None,
+                  f"jpg of {r['clip_id']}".encode()) for r in rows]
+        src = {"source": item.source, "kind": item.kind, "status": "ok", "error": None, "num_frames": 144,
+               "fps": 24.0, "width": 64, "height": 48, "cuts": [48, 96], "_clip_random_weights": True}
+        staging.write_source(staging.folder_of(out), item.key, src, rows, media)
+    return items
+
+
+def _manifest_rows(out: Path) -> dict[str, dict]:
+    rows = pq.read_table(out / "manifest" / "clips.parquet").to_pylist()
+    clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731  (json has null)
+    return {r["clip_id"]: {k: clean(v) for k, v in r.items()} for r in rows}
+
+
+@pytest.mark.parametrize("kind, members", [("video", {"mp4", "jpg", "txt", "json"}), ("image", {"jpg", "txt", "json"})])
+def test_every_shard_kind_reads_back_through_a_webdataset_pipeline(tmp_path, kind, members):
+    """finalize (what the job runs) -> shards -> wds.WebDataset(...).decode(): every kept clip once, in its
+    manifest shard, with exactly the layout the training loader reads, and json = its manifest row."""
+    out = tmp_path / "out"
+    items = _stage_inputs(out)
+    cfg = CurateConfig()
+    cfg.output.shard_max_bytes = 2 * 3072 + 1000  # two samples per shard: two video shards
+    final = finalize(cfg, out, items)
+    manifest_rows = _manifest_rows(out)
+    kept = {cid for cid, r in manifest_rows.items() if r["kept"] and r["kind"] == kind}
+    urls = sorted(str(p) for p in (out / "shards").glob(f"{kind}-*.tar"))
+    assert [Path(u).name for u in urls] == sorted(n for n in final.shard_samples if n.startswith(kind))
+    assert len(urls) == (2 if kind == "video" else 1)
+    media = {}
+    for item in items:
+        media.update(staging.read_media(staging.staging_path(staging.folder_of(out), item.key)))
+    pipeline = wds.WebDataset(urls, shardshuffle=False).decode()
+    seen = []
+    for sample in pipeline:
+        key = sample["__key__"]
+        seen.append(key)
+        assert {k for k in sample if not k.startswith("__")} == members
+        row = manifest_rows[key]
+        assert sample["json"] == {k: row[k] for k in sample["json"]}  # the manifest row, key for key
+        assert set(row) - set(sample["json"]) <= {k for k, v in row.items() if v is None}
+        assert Path(sample["__url__"]).name == row["shard"] and sample["txt"] == row["caption"]
+        assert sample["jpg"] == media[key][1] and sample.get("mp4") == media[key][0]
+    assert seen == sorted(kept) and len(kept) == (2 if kind == "video" else 1)
+    rejected = {r["reject_reason"] for r in manifest_rows.values() if not r["kept"]}
+    assert rejected == {"static", "duplicate"}
+    assert all(manifest_rows[c]["shard"] is None for c in manifest_rows if not manifest_rows[c]["kept"])
+
+
+def test_finalize_twice_gives_identical_bytes_and_drops_stale_shards(tmp_path):
+    out = tmp_path / "out"
+    items = _stage_inputs(out)
+    cfg = CurateConfig()
+    cfg.output.shard_max_bytes = 2 * 3072 + 1000
+    finalize(cfg, out, items)
+    first = {p.name: p.read_bytes() for p in sorted((out / "shards").iterdir())}
+    first_manifest = (out / "manifest" / "clips.parquet").read_bytes()
+    (out / "shards" / "video-000007.tar").write_bytes(b"from an older plan")
+    (out / "shards" / "video-000000.tar").unlink()
+    finalize(cfg, out, list(reversed(items)))
+    assert {p.name: p.read_bytes() for p in sorted((out / "shards").iterdir())} == first
+    assert (out / "manifest" / "clips.parquet").read_bytes() == first_manifest
