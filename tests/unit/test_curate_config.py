@@ -72,3 +72,18 @@ def test_the_shipped_configs_load():
         load_config(None)
     assert load_config(None, ["scores.clip.model=tiny-random"]) == dataclasses.replace(
         CurateConfig(), scores=dataclasses.replace(CurateConfig().scores, clip=cfg.scores.clip))
+
+
+def test_loading_the_config_imports_neither_torch_nor_open_clip():
+    """The driver checks every setting (open_clip model names included) without importing torch or open_clip
+    (seconds of start-up per job); the driver module itself does not import them either."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import pipeline.curate; from curation.config import load_config; "
+            f"load_config({str(DEFAULT_YAML)!r}, ['scores.clip.model=ViT-H-14', 'scores.clip.checkpoint={__file__}']); "
+            "print(sorted(m for m in ('torch', 'open_clip', 'webdataset') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]"
