@@ -37,6 +37,8 @@ import subprocess
 import sys
 import time
 
+from common.dtypes import ALIASES, DTYPES, dtype_of
+
 BENCH_CPU = dict(  # "tiny" scaled up: every block type, real channel counts at the top level
     block_out_channels=(64, 128, 256, 256), attention_head_dim=32, cross_attention_dim=256,
     image_embed_dim=256, norm_num_groups=32,
@@ -77,7 +79,7 @@ def build_variant(args, variant: str):
     from model.unet import I2VGenUNet, build_image_latents
 
     dev = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = dtype_of(args.dtype)
     cfg = _config(args)
     dcfg = {k: v for k, v in config_to_diffusers(cfg).items() if not k.startswith("_")}
     torch.manual_seed(0)  # every variant regenerates the same weights the same way
@@ -198,7 +200,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--flavor", default="bench-cpu", help="bench-cpu (default) or a model.config flavour")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--dtype", default="fp32", choices=[*ALIASES, *DTYPES])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--height", type=int, default=32, help="latent height")

@@ -15,13 +15,15 @@ texts list[str] of length T -> (T, D) float32.
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import json
 import math
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -35,8 +37,16 @@ if TYPE_CHECKING:
 
 # torch and open_clip are imported where they are used: this module's config and helpers are imported by
 # the driver and by every stage-1 actor, which never build a CLIP (importing both costs ~3 s of start-up).
+# That is also why the precision names below are spelled out instead of importing common.dtypes (which
+# imports torch): tests/unit/test_clip_score.py checks they are exactly common.dtypes.Precision, and the
+# names are turned into dtypes by common.dtypes only.
 
 TINY_MODEL = "tiny-random"
+
+ClipDevice = Literal["auto", "cpu", "cuda"]
+"""Where open_clip runs. No "cuda:N": a Ray actor sees only the GPU Ray gave it, as "cuda"."""
+ClipPrecision = Literal["auto", "float32", "bfloat16", "float16"]
+"""= common.dtypes.Precision (checked by a test)."""
 
 # A CLIP small enough for CI (~1.7M parameters); same code path as ViT-H-14 (registered open_clip config).
 TINY_MODEL_CFG = {
@@ -60,10 +70,11 @@ class ClipScoreConfig:
     """Frames sampled evenly in each clip; their embeddings are averaged into the clip embedding."""
     batch_size: int = 64
     """Images (or captions) per forward pass."""
-    device: str = "auto"
-    """"auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"."""
-    precision: str = "auto"
-    """"auto" (fp16 on cuda, fp32 on cpu), "fp32", "fp16" or "bf16"."""
+    device: ClipDevice = "auto"
+    """"auto" (cuda if available, else cpu), "cpu" or "cuda" (the job checks that the cluster has a GPU
+    for it before any work)."""
+    precision: ClipPrecision = "auto"
+    """"auto" (float16 on cuda, float32 on cpu), "float32", "bfloat16" or "float16"."""
 
 
 def _register_tiny_model() -> None:
@@ -79,27 +90,71 @@ def _register_tiny_model() -> None:
         open_clip.add_model_config(path)
 
 
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda if available else cpu; anything else as given."""
+def known_models() -> list[str]:
+    """open_clip's architecture names (the model configs it ships), read without importing open_clip,
+    which takes seconds: the driver checks scores.clip.model with this before any work."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("scores.clip: the open_clip package is not installed")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model_configs"
+    return sorted(p.stem for p in folder.glob("*.json"))
+
+
+def validate_clip_config(cfg: ClipScoreConfig) -> None:
+    """Everything about `scores.clip` that can be checked without torch: sizes, the model name, the
+    checkpoint file. ConfigError names the field and the fix. (The device is checked where it is used:
+    by the job against the cluster, by ClipScorer against this machine.)"""
+    if cfg.frames_per_clip < 1 or cfg.batch_size < 1:
+        raise ConfigError("scores.clip.frames_per_clip and scores.clip.batch_size must be >= 1")
+    if cfg.model != TINY_MODEL:
+        models = known_models()
+        if cfg.model not in models:
+            close = difflib.get_close_matches(cfg.model, models, n=3)
+            hint = f"did you mean {close}? " if close else ""
+            raise ConfigError(
+                f"scores.clip.model: {cfg.model!r} is not an open_clip architecture; {hint}use {TINY_MODEL!r} "
+                f"or one of {models}"
+            )
+    checkpoint_path(cfg)
+
+
+def checkpoint_path(cfg: ClipScoreConfig) -> Path | None:
+    """The checked local weights file of `cfg` (None: tiny-random without checkpoint, random weights)."""
+    if cfg.checkpoint is None:
+        if cfg.model == TINY_MODEL:
+            return None
+        raise ConfigError(
+            f"scores.clip.checkpoint: open_clip {cfg.model} needs local weights; set "
+            "scores.clip.checkpoint=/path/to/open_clip_model.safetensors (nothing is downloaded), "
+            f"or scores.clip.model={TINY_MODEL} for a test run"
+        )
+    path = Path(cfg.checkpoint).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"scores.clip.checkpoint: file not found: {str(path)!r} (open_clip {cfg.model} weights); "
+            "download the weights yourself and point the key at the local file"
+        )
+    return path.resolve()
+
+
+def resolve_device(device: ClipDevice) -> torch.device:
+    """"auto" -> cuda if available else cpu; "cuda" on a machine without one is a ConfigError."""
     import torch
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"scores.clip.device: {device!r} is not a torch device (use auto, cpu or cuda)") from exc
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("scores.clip.device: 'cuda' but torch sees no CUDA GPU here; use auto or cpu")
+    return torch.device(device)
 
 
-def _resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+def resolve_precision(precision: ClipPrecision, device: torch.device) -> torch.dtype:
+    """The dtype of `precision` (common.dtypes); "auto" is float16 on cuda, float32 on cpu."""
     import torch
 
-    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if precision not in table:
-        raise ConfigError(f"scores.clip.precision: {precision!r} is not one of {['auto', *table]}")
-    return table[precision]
+    from common.dtypes import resolve_dtype
+
+    return resolve_dtype(precision, torch.float16 if device.type == "cuda" else torch.float32)
 
 
 def sample_frame_indices(start: int, end: int, k: int) -> list[int]:
@@ -135,22 +190,16 @@ class ClipScorer:
     """An open_clip model loaded once; embeds frames and captions in batches."""
 
     def __init__(self, cfg: ClipScoreConfig):
-        if cfg.frames_per_clip < 1 or cfg.batch_size < 1:
-            raise ConfigError("scores.clip.frames_per_clip and scores.clip.batch_size must be >= 1")
+        validate_clip_config(cfg)
         import open_clip
         import torch
 
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.dtype = _resolve_dtype(cfg.precision, self.device)
+        self.dtype = resolve_precision(cfg.precision, self.device)
         if cfg.model == TINY_MODEL:
             _register_tiny_model()
-        elif cfg.model not in open_clip.list_models():
-            raise ConfigError(
-                f"scores.clip.model: {cfg.model!r} is not an open_clip architecture; use {TINY_MODEL!r} or one of "
-                f"{open_clip.list_models()}"
-            )
-        checkpoint = self._check_checkpoint(cfg)
+        checkpoint = checkpoint_path(cfg)
         # pretrained=None: open_clip builds the architecture only and never looks up a tag or a hub.
         model = open_clip.create_model(cfg.model, pretrained=None, device="cpu")
         if checkpoint is not None:
@@ -171,23 +220,6 @@ class ClipScorer:
         self.mean = torch.tensor(pp.get("mean", open_clip.OPENAI_DATASET_MEAN), device=self.device).view(shape)
         self.std = torch.tensor(pp.get("std", open_clip.OPENAI_DATASET_STD), device=self.device).view(shape)
         self.embed_dim = int(model.text_projection.shape[-1]) if model.text_projection is not None else None
-
-    @staticmethod
-    def _check_checkpoint(cfg: ClipScoreConfig) -> Path | None:
-        if cfg.checkpoint is None:
-            if cfg.model == TINY_MODEL:
-                return None
-            raise FileNotFoundError(
-                f"open_clip {cfg.model} needs local weights: set scores.clip.checkpoint=/path/to/open_clip_model"
-                f".safetensors (nothing is downloaded), or use scores.clip.model={TINY_MODEL} for a test run"
-            )
-        path = Path(cfg.checkpoint).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"open_clip checkpoint not found: {str(path)!r} (config key scores.clip.checkpoint); "
-                "download the weights yourself and point the key at the local file"
-            )
-        return path.resolve()
 
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:
         """(K, H, W, 3) uint8 -> (K, 3, S, S) normalised tensor on the device, like the model's own

@@ -15,12 +15,15 @@ common.configtree); the job writes it back as OUT/config.yaml. Sections:
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from common import configtree
 from common.configtree import ConfigError
-from curation.clip_score import TINY_MODEL, ClipScoreConfig
+from curation.clip_score import TINY_MODEL, ClipScoreConfig, validate_clip_config
 from curation.decode import DecodeConfig
 from curation.encode import EncodeConfig
 from curation.filters import FilterConfig, validate_filter_config
@@ -29,7 +32,8 @@ from curation.quality import QualityConfig
 from curation.shots import ShotConfig
 from curation.text_rules import TextRuleConfig
 
-CLIP_PLACEMENTS = ("auto", "actors", "stage1")
+ClipPlacement = Literal["auto", "actors", "stage1"]
+"""Where open_clip scores the clips (job.clip_placement)."""
 
 
 @dataclass
@@ -58,7 +62,7 @@ class JobConfig:
     threads' Python parts (PySceneDetect's per-frame loop, imports) wait for each other's GIL. Raise it to
     hold fewer copies of a large open_clip model (clip_placement 'stage1'). Capped at what one node's CPUs
     hold."""
-    clip_placement: str = "auto"
+    clip_placement: ClipPlacement = "auto"
     """Where open_clip scores the clips: 'actors' (stage 2, its own clip_actors, on a GPU when there is
     one), 'stage1' (inside every stage-1 actor, on its CPUs: no extra process, and the scoring spreads
     over all cores) or 'auto' = 'actors' when the cluster has a GPU, else 'stage1'. With a large model on a
@@ -106,34 +110,62 @@ class CurateConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
+# Numeric settings of the sections this module composes and the values that make sense for any input
+# (decode.* and shots.* are checked by their own modules). A None value means "automatic" and is skipped.
+AT_LEAST: dict[str, float] = {
+    "scores.motion.max_pairs": 1, "scores.motion.width": 8, "scores.motion.pyr_levels": 1,
+    "scores.motion.win_size": 3, "scores.motion.seed_min_response": 0,
+    "scores.quality.frames_per_clip": 1, "scores.quality.analysis_width": 8, "scores.quality.blank_std": 0,
+    "scores.text.min_words": 0, "scores.text.max_repeat_run": 2,
+    "encode.max_side": 2, "encode.crf": 0, "encode.jpeg_quality": 1, "encode.threads": 0,
+    "job.process_actors": 1, "job.sources_per_actor": 1, "job.clip_actors": 1, "job.clip_num_gpus": 0,
+    "job.clip_cpus": 0, "job.clip_sources_per_batch": 1, "job.clip_frame_side": 1, "job.max_source_bytes": 1,
+    "job.object_store_memory_mb": 1, "output.shard_max_bytes": 1,
+}
+AT_MOST: dict[str, float] = {
+    "scores.motion.seed_min_response": 1, "scores.text.max_repeat_fraction": 1, "encode.crf": 51,
+    "encode.jpeg_quality": 100,
+}
+ABOVE_ZERO = ("scores.text.max_repeat_fraction", "encode.max_fps", "job.process_cpus", "job.source_timeout_s")
+
+
+def _get(cfg: CurateConfig, dotted: str):
+    return functools.reduce(getattr, dotted.split("."), cfg)
+
+
+def check_ranges(cfg: CurateConfig) -> None:
+    """ConfigError naming the first numeric setting outside AT_LEAST / AT_MOST / ABOVE_ZERO."""
+    for name, low in AT_LEAST.items():
+        if (v := _get(cfg, name)) is not None and v < low:
+            raise ConfigError(f"{name} must be >= {low:g}, got {v!r}")
+    for name, high in AT_MOST.items():
+        if (v := _get(cfg, name)) is not None and v > high:
+            raise ConfigError(f"{name} must be <= {high:g}, got {v!r}")
+    for name in ABOVE_ZERO:
+        if (v := _get(cfg, name)) is not None and v <= 0:
+            raise ConfigError(f"{name} must be > 0, got {v!r}")
+
+
 def validate(cfg: CurateConfig) -> None:
-    """Checks that must fail before any work starts (ConfigError names the field and the fix)."""
+    """Checks that must fail before any work starts (ConfigError names the field and the fix).
+
+    Choice fields are `Literal`s, checked while loading (common.configtree). What depends on the cluster
+    (scores.clip.device=cuda needs a GPU for open_clip) is checked by pipeline.cluster before any work.
+    """
     clip = cfg.scores.clip
-    if clip.model != TINY_MODEL:
-        if clip.checkpoint is None:
-            raise ConfigError(
-                f"scores.clip.checkpoint: open_clip {clip.model} needs local weights; set "
-                "scores.clip.checkpoint=/path/to/open_clip_model.safetensors (nothing is downloaded), "
-                f"or scores.clip.model={TINY_MODEL} for a test run"
-            )
-        if not Path(clip.checkpoint).expanduser().is_file():
-            raise ConfigError(
-                f"scores.clip.checkpoint: file not found: {clip.checkpoint!r} (open_clip {clip.model} weights)"
-            )
-    if (cfg.job.process_actors is not None and cfg.job.process_actors < 1) or cfg.job.clip_actors < 1:
-        raise ConfigError("job.process_actors (or null = fill the cluster) and job.clip_actors must be >= 1")
-    if cfg.job.sources_per_actor < 1 or cfg.job.process_cpus <= 0:
-        raise ConfigError("job.sources_per_actor must be >= 1 and job.process_cpus > 0")
-    if cfg.job.clip_placement not in CLIP_PLACEMENTS:
-        raise ConfigError(f"job.clip_placement={cfg.job.clip_placement!r}: valid keys are {list(CLIP_PLACEMENTS)}")
-    if cfg.job.clip_cpus is not None and cfg.job.clip_cpus < 0:
-        raise ConfigError("job.clip_cpus must be >= 0 (or null = 1 with a GPU, else 0)")
-    if cfg.job.clip_sources_per_batch < 1:
-        raise ConfigError("job.clip_sources_per_batch must be >= 1")
-    if cfg.job.source_timeout_s <= 0:
-        raise ConfigError("job.source_timeout_s must be > 0")
-    if cfg.output.shard_max_bytes <= 0:
-        raise ConfigError("output.shard_max_bytes must be > 0")
+    validate_clip_config(clip)
+    head = cfg.scores.quality.aesthetic_head
+    if head is not None and not Path(head).expanduser().is_file():
+        raise ConfigError(f"scores.quality.aesthetic_head: file not found: {head!r} (a local aesthetic head)")
+    check_ranges(cfg)
+    text = cfg.scores.text
+    if text.max_words < text.min_words:
+        raise ConfigError(f"scores.text.max_words ({text.max_words}) is below scores.text.min_words ({text.min_words})")
+    for i, pattern in enumerate(text.boilerplate):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"scores.text.boilerplate[{i}]: {pattern!r} is not a regular expression: {exc}") from None
     if cfg.decode.work_max_side < cfg.encode.max_side:
         raise ConfigError(
             f"decode.work_max_side={cfg.decode.work_max_side} is below encode.max_side={cfg.encode.max_side}: "
@@ -154,4 +186,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def to_yaml(cfg: CurateConfig) -> str:
+    """The resolved tree as YAML (written as OUT/config.yaml)."""
     return configtree.to_yaml(cfg)

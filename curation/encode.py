@@ -16,12 +16,18 @@ import math
 import struct
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Literal
 
 import av
 import cv2
 import numpy as np
 
 from curation.frames import YuvFrames
+
+
+X264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
+                     "placebo"]
+"""libx264's presets, fastest first."""
 
 
 @dataclass
@@ -34,7 +40,7 @@ class EncodeConfig:
     """Frame-rate cap; faster clips drop frames evenly (duration preserved)."""
     crf: int = 23
     """libx264 constant rate factor (0 lossless ... 51 worst; 18-28 is the usual range)."""
-    preset: str = "superfast"
+    preset: X264Preset = "superfast"
     """libx264 preset (ultrafast ... veryslow): speed against size. superfast: ~1.6x faster than veryfast
     for ~25% larger files at the same crf (measured on the shared clips); curation is encode-bound."""
     jpeg_quality: int = 90

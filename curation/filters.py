@@ -1,9 +1,13 @@
 """Late filter (stage 5): every candidate clip keeps all its scores; this decides `kept` and `reject_reason`.
 
-A row is a dict holding a clip's columns (see SCORE_COLUMNS). `reject_reason` walks the rules in RULE_ORDER
-and returns the first failing one's code (a key of REJECT_REASONS), or None to keep the clip. Every
+`apply_filters` is the late filter the job runs (pipeline.finalize calls it on every staged clip row): per
+row `reject_reason` with the rules of the row's kind (`for_kind`), then near-duplicates per kind.
+
+A row is a dict holding a clip's columns (see SCORE_COLUMNS). `reject_reason` walks the rules in the order
+below and returns the first failing one's code (a key of REJECT_REASONS), or None to keep the clip. Every
 threshold is None = off. A score that an enabled rule needs but that is missing or NaN rejects the clip with
-`missing_<score>`; it never raises.
+`missing_<score>`; it never raises. Stage 1 calls `reject_reason` too, with the thresholds known there, to
+decide which clips to encode.
 
 Near-duplicates are decided last and globally (`mark_duplicates`): only among clips that passed every
 other rule, so a duplicate is never dropped in favour of a clip that is itself rejected.
@@ -17,8 +21,10 @@ Rule order (cheap and structural first, semantic later, dedup last):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from common.configtree import ConfigError
 from curation.dedup import DedupIndex, find_duplicates
@@ -66,6 +72,12 @@ REJECT_REASONS: dict[str, str] = {
 }
 
 
+DedupPriority = Literal[
+    "clip_similarity", "aesthetic", "sharpness", "contrast", "colorfulness", "text_score", "motion", "duration_s"
+]
+"""Score columns that can rank a near-duplicate group (highest kept)."""
+
+
 @dataclass
 class FilterConfig:
     """Thresholds of the late filter (`filter`); None switches a rule off."""
@@ -103,8 +115,9 @@ class FilterConfig:
     """Near-duplicates: phash within this many bits of a kept clip; None switches dedup off."""
     dedup_bands: int = 4
     """LSH bands for dedup (curation.dedup): 4 suits up to a few million clips per dedup pass."""
-    dedup_priority: str = "clip_similarity"
-    """Score column deciding which clip of a duplicate group is kept (highest; NaN lowest; ties: clip_id)."""
+    dedup_priority: DedupPriority = "clip_similarity"
+    """Score column deciding which clip of a duplicate group is kept (highest; NaN lowest; ties: clip_id).
+    With random CLIP weights (tiny-random) clip_similarity is replaced by sharpness (see apply_filters)."""
 
 
 def validate_filter_config(cfg: FilterConfig, *, clip_random_weights: bool = False, has_aesthetic: bool = True) -> None:
@@ -126,6 +139,18 @@ def validate_filter_config(cfg: FilterConfig, *, clip_random_weights: bool = Fal
         )
     if cfg.min_aesthetic is not None and not has_aesthetic:
         raise ConfigError("filter.min_aesthetic needs scores.quality.aesthetic_head (or set it to null)")
+    if cfg.dedup_priority == "aesthetic" and not has_aesthetic:
+        raise ConfigError("filter.dedup_priority=aesthetic needs scores.quality.aesthetic_head")
+    if cfg.dedup_bands < 1:
+        raise ConfigError("filter.dedup_bands must be >= 1")
+
+
+def for_kind(cfg: FilterConfig, kind: str) -> FilterConfig:
+    """The thresholds that apply to a clip of `kind`: images have no duration, motion or flicker."""
+    if kind == "image":
+        return dataclasses.replace(cfg, min_duration_s=None, max_duration_s=None, min_motion=None,
+                                   max_motion=None, max_flicker=None)
+    return cfg
 
 
 def _value(row: dict, key: str) -> float | None:
@@ -206,11 +231,29 @@ def mark_duplicates(rows: list[dict], cfg: FilterConfig) -> dict[str, str]:
     return dups
 
 
-def apply_filters(rows: list[dict], cfg: FilterConfig) -> list[dict]:
-    """Set `reject_reason`, `kept` (and `duplicate_of`) on every row in place: per-row rules, then dedup."""
-    for row in rows:
-        row["reject_reason"] = reject_reason(row, cfg)
-        row["kept"] = row["reject_reason"] is None
+def apply_filters(rows: list[dict], cfg: FilterConfig, *, media_bytes: list[int], random_weights: bool) -> None:
+    """The job's late filter: set `reject_reason`, `kept`, `duplicate_of` (and `score_error`) on every row
+    in place: per-row rules of the row's kind, then near-duplicates among the survivors of each kind.
+
+    `media_bytes[i]`: bytes stage 1 encoded for rows[i]; a row that passes but was never encoded (only
+    possible when filters were loosened on a resumed run) is rejected as score_error, never written empty.
+    `random_weights`: the open_clip scores are meaningless (tiny-random): no similarity threshold, and
+    duplicate groups keep their sharpest clip instead of the "best matching" one.
+    """
+    if len(media_bytes) != len(rows):
+        raise ValueError(f"{len(rows)} rows but {len(media_bytes)} media sizes")
+    if random_weights:
+        cfg = dataclasses.replace(cfg, min_clip_similarity=None)
+        if cfg.dedup_priority == "clip_similarity":
+            cfg = dataclasses.replace(cfg, dedup_priority="sharpness")
+    for row, size in zip(rows, media_bytes):
+        row.setdefault("score_error", None)
         row.setdefault("duplicate_of", None)
-    mark_duplicates(rows, cfg)
-    return rows
+        reason = reject_reason(row, for_kind(cfg, row["kind"]))
+        if reason is None and size == 0:
+            row["score_error"] = "not encoded in stage 1 (filters loosened after staging? use a new OUT)"
+            reason = "score_error"
+        row["reject_reason"] = reason
+        row["kept"] = reason is None
+    for kind in sorted({row["kind"] for row in rows}):
+        mark_duplicates([r for r in rows if r["kind"] == kind], cfg)

@@ -20,6 +20,7 @@ from typing import NoReturn
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.dtypes import ALIASES, DTYPES, dtype_of
 from model.config import UNetConfig
 
 FORMAT = "i2vgen-recipe-unet"
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     src.add_argument("--from-diffusers", type=Path, metavar="DIR", help="diffusers I2VGenXLUNet folder -> ours")
     src.add_argument("--to-diffusers", type=Path, metavar="DIR", help="our checkpoint folder -> diffusers")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (created)")
-    parser.add_argument("--dtype", choices=["keep", "fp32", "fp16", "bf16"], default="keep")
+    parser.add_argument("--dtype", choices=["keep", *ALIASES, *DTYPES], default="keep")
     args = parser.parse_args(argv)
     try:
         if args.from_diffusers:
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             cfg, sd = load_checkpoint(args.to_diffusers)
         if args.dtype != "keep":
-            dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+            dt = dtype_of(args.dtype)
             sd = {k: v.to(dt) for k, v in sd.items()}
         out = save_checkpoint(args.out, cfg, sd) if args.from_diffusers else save_diffusers_folder(args.out, cfg, sd)
     except (FileNotFoundError, ValueError) as exc:  # bad input folder: a clear message, no traceback

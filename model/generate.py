@@ -33,6 +33,7 @@ import yaml
 from tqdm import tqdm
 
 from common.configtree import ConfigError, from_dict, to_yaml
+from common.dtypes import ALIASES, DTYPES, resolve_dtype
 from model.cascade import BaseStage, RefineStage, StageConfig, base_stage_defaults, refine_stage_defaults
 from model.config import get_flavor
 from model.convert import load_unet as convert_load_unet
@@ -171,9 +172,8 @@ def write_video(frames: np.ndarray, out: str | Path, fps: int) -> tuple[Path, Pa
 
 # ------------------------------------------------------------------------------------------------- CLI
 def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    """--dtype as a torch dtype (common.dtypes); auto = bfloat16 on a GPU, float32 on a CPU."""
+    return resolve_dtype(name, torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def generate(args: argparse.Namespace) -> dict[str, Any]:
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, help="number of frames (default: stage.yaml)")
     p.add_argument("--fps", type=int, help="fps condition and mp4 rate (default: stage.yaml)")
     p.add_argument("--device", help="cpu / cuda / cuda:1 (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES, *ALIASES])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--write-tiny-checkpoints", metavar="DIR",
                    help="write DIR/base and DIR/refine tiny random checkpoints and exit")

@@ -8,16 +8,17 @@ OUT/manifest/clips.parquet: one row per candidate clip
     <one float64 column per score>, phash, score_error, duplicate_of, kept, reject_reason, shard
 
 Rows are sorted (by source / clip_id) so two runs over the same inputs write identical files whatever
-order Ray finished the sources in. Both files are written to a temp name and renamed.
+order Ray finished the sources in. Both files are published atomically (common.atomic).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from common.atomic import atomic_write
 
 SOURCE_SCHEMA = pa.schema(
     [
@@ -96,13 +97,12 @@ def sources_table(rows: list[dict]) -> pa.Table:
     return pa.table(data, schema=SOURCE_SCHEMA)
 
 
-def write_atomic(table: pa.Table, path: str | Path) -> Path:
-    """Write a parquet file to `path` via a temp name + rename."""
+def write_parquet(table: pa.Table, path: str | Path) -> Path:
+    """Publish `table` as the parquet file `path` (common.atomic), creating its folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as fh:
+        pq.write_table(table, fh)
     return path
 
 
@@ -110,6 +110,6 @@ def write_manifests(out_dir: str | Path, source_rows: list[dict], clip_rows: lis
     """OUT/manifest/sources.parquet and OUT/manifest/clips.parquet."""
     mdir = Path(out_dir) / "manifest"
     return (
-        write_atomic(sources_table(source_rows), mdir / "sources.parquet"),
-        write_atomic(clips_table(clip_rows), mdir / "clips.parquet"),
+        write_parquet(sources_table(source_rows), mdir / "sources.parquet"),
+        write_parquet(clips_table(clip_rows), mdir / "clips.parquet"),
     )

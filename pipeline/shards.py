@@ -4,25 +4,27 @@ Planning is a pure function of the kept samples: sorted by clip_id, packed greed
 `max_bytes` (a sample larger than the limit gets a shard of its own). So a resumed run produces exactly the
 shards of an uninterrupted run, whatever order Ray finished the sources in.
 
-Writing is deterministic too (fixed member order, mtime 0, no user names) and atomic: each shard is written
-to `NAME.tar.tmp` and renamed. A killed packing phase leaves at most temp files, which the next run deletes
-before rewriting every shard of the plan (packing is cheap next to decoding).
+Writing goes through `webdataset.TarWriter` and is deterministic (members of a sample in sorted extension
+order, samples in the order given, mtime 0, no user or group names, mode 0644: two runs give the same
+bytes) and atomic (common.atomic): a killed packing phase leaves at most temp files, which the next run
+deletes before rewriting every shard of the plan (packing is cheap next to decoding).
 
-Sample layout (WebDataset: members of one sample share the key before the first dot):
-    video: KEY.mp4, KEY.jpg (first frame, the conditioning image), KEY.txt (caption), KEY.json (manifest row)
-    image: KEY.jpg, KEY.txt, KEY.json
+Sample layout (WebDataset: members of one sample share the key before the first dot; the training loader
+reads exactly these names):
+    video-NNNNNN.tar: KEY.jpg (first frame, the conditioning image), KEY.json (manifest row), KEY.mp4, KEY.txt
+    image-NNNNNN.tar: KEY.jpg, KEY.json, KEY.txt
 """
 
 from __future__ import annotations
 
-import io
-import os
-import tarfile
+import importlib
+import threading
 from pathlib import Path
 from typing import Iterable
 
+from common.atomic import atomic_write, is_temp
+
 SHARD_PREFIX = {"video": "video", "image": "image"}
-TMP_SUFFIX = ".tmp"
 
 
 def shard_name(kind: str, index: int) -> str:
@@ -53,31 +55,34 @@ def plan_shards(samples: Iterable[tuple[str, str, int]], max_bytes: int) -> dict
     return plan
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
+def preload_writer() -> threading.Thread:
+    """Start importing webdataset on a daemon thread and return it.
+
+    webdataset imports torch, which the driver has no other use for (~1.5 s of import on a 2-core
+    machine); the job starts this while the stream runs, so write_shard does not wait for it at the end.
+    """
+    thread = threading.Thread(target=importlib.import_module, args=("webdataset",), name="import-webdataset",
+                              daemon=True)
+    thread.start()
+    return thread
 
 
 def write_shard(path: str | Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:
     """Write samples [(key, {ext: bytes})] to tar `path` atomically; returns the number of samples."""
-    path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    import webdataset as wds  # here, not at the top: see preload_writer
+
     count = 0
-    with open(tmp, "wb") as fh:
-        with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_write(path) as fh:
+        # encoder=False: the members are bytes already; the fixed mtime/user/group/mode make the bytes
+        # depend on the samples only
+        with wds.TarWriter(fh, user="", group="", mode=0o644, mtime=0, encoder=False) as tar:
             for key, members in samples:
                 if "." in key or "/" in key:
                     raise ValueError(f"sample key {key!r} must not contain '.' or '/' (WebDataset splits on them)")
-                for ext in sorted(members):
-                    _add(tar, f"{key}.{ext}", members[ext])
+                if "__key__" in members or any(ext.startswith("_") for ext in members):
+                    raise ValueError(f"sample {key!r}: member names must not start with '_' (WebDataset metadata)")
+                tar.write({"__key__": key, **members})
                 count += 1
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
     return count
 
 
@@ -89,7 +94,7 @@ def clean_shard_dir(shard_dir: str | Path, keep: set[str]) -> int:
         return 0
     for path in shard_dir.iterdir():
         stale_tar = path.name.endswith(".tar") and path.name not in keep
-        if path.name.endswith(TMP_SUFFIX) or stale_tar:
+        if is_temp(path.name) or stale_tar:
             path.unlink(missing_ok=True)
             removed += 1
     return removed

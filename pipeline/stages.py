@@ -5,7 +5,7 @@ between the stages is one source: `key` (its staging name) and `payload` (a pick
 curation.process.SourceResult). Heavy frame arrays never leave stage 1 except the few sampled frames per
 clip that open_clip needs, and the open_clip scoring drops those.
 
-Where open_clip runs (`job.clip_placement`, resolved in pipeline/curate.py): in its own actors (stage 2,
+Where open_clip runs (`job.clip_placement`, resolved by pipeline.cluster.plan_actors): in its own actors (stage 2,
 ScoreClips) when there is a GPU to put it on, else inside the stage-1 actors (ProcessSources with
 `score_clips=True`), which then score their own clips: no extra process importing torch and open_clip,
 and on a CPU-only cluster the scoring spreads over every core instead of queueing on one actor.

@@ -1,8 +1,8 @@
 """Per-source staging files: the resume checkpoint of the curation job.
 
-Every finished source (ok or error) becomes exactly one file `OUT/staging/<source_key>.parquet`, written to
-a temporary name and renamed atomically, so a file either exists whole or not at all, whatever moment the
-previous run was killed at. A re-run skips the sources whose staging file exists.
+Every finished source (ok or error) becomes exactly one file `OUT/staging/<source_key>.parquet`, published
+by common.atomic (temp file, fsync, rename), so a file either exists whole or not at all, whatever moment
+the previous run was killed at. A re-run skips the sources whose staging file exists.
 
 File layout (fixed schema, so a source with zero clips is an empty table):
     row_json: string   one candidate clip's manifest row as JSON (scores included, before global dedup)
@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.atomic import atomic_write, is_temp, remove_temp_files
+
 SCHEMA = pa.schema(
     [("row_json", pa.string()), ("nbytes", pa.int64()), ("mp4", pa.binary()), ("jpg", pa.binary())]
 )
 SUFFIX = ".parquet"
-TMP_MARK = ".tmp-"
 
 
 def _json_default(obj: Any) -> Any:
@@ -44,7 +44,13 @@ def dumps(row: dict) -> str:
     return json.dumps(clean, default=_json_default, sort_keys=True)
 
 
+def folder_of(out_dir: str | Path) -> Path:
+    """OUT/staging: the staging area of the job writing to OUT."""
+    return Path(out_dir) / "staging"
+
+
 def staging_path(staging_dir: str | Path, key: str) -> Path:
+    """OUT/staging/<key>.parquet."""
     return Path(staging_dir) / f"{key}{SUFFIX}"
 
 
@@ -71,25 +77,14 @@ def write_source(
         schema=SCHEMA.with_metadata({"source_row": dumps(source_row)}),
     )
     final = staging_path(staging_dir, key)
-    tmp = staging_dir / f"{key}{TMP_MARK}{os.getpid()}"
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as fh:  # make the bytes durable before the rename publishes them
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    with atomic_write(final) as fh:
+        pq.write_table(table, fh)
     return final
 
 
 def clean_temp_files(staging_dir: str | Path) -> int:
     """Delete leftovers of writes that were killed mid-way; returns how many were removed."""
-    staging_dir = Path(staging_dir)
-    if not staging_dir.is_dir():
-        return 0
-    removed = 0
-    for path in staging_dir.iterdir():
-        if TMP_MARK in path.name:
-            path.unlink(missing_ok=True)
-            removed += 1
-    return removed
+    return remove_temp_files(staging_dir)
 
 
 def finished_keys(staging_dir: str | Path) -> set[str]:
@@ -97,7 +92,7 @@ def finished_keys(staging_dir: str | Path) -> set[str]:
     staging_dir = Path(staging_dir)
     if not staging_dir.is_dir():
         return set()
-    return {p.name[: -len(SUFFIX)] for p in staging_dir.iterdir() if p.name.endswith(SUFFIX) and TMP_MARK not in p.name}
+    return {p.name[: -len(SUFFIX)] for p in staging_dir.iterdir() if p.name.endswith(SUFFIX) and not is_temp(p.name)}
 
 
 def read_rows(path: str | Path) -> tuple[dict, list[dict], list[int]]:

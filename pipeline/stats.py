@@ -7,9 +7,10 @@ by this invocation (`processed_this_run`), so a resumed run reports its own spee
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
+
+from common.atomic import write_text
 
 
 def _error_head(reason: str | None) -> str:
@@ -89,10 +90,8 @@ def build_stats(
 
 
 def write_stats(path: str | Path, stats: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(stats, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    """Publish `stats` as indented JSON at `path` (common.atomic)."""
+    write_text(path, json.dumps(stats, indent=2, sort_keys=False) + "\n")
 
 
 def summary_lines(stats: dict) -> list[str]:

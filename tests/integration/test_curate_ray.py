@@ -2,8 +2,8 @@
 
 Inputs: the short real clips of ../shared (skipped without it) + generated poison files (0 bytes, text
 renamed .mp4, truncated, a faststart mp4 cut in half whose header lies about its frame count, a caption that
-is not UTF-8) + an image-text pair. Checks the output contract, shards read with `webdataset`, exact clip
-durations, and that a run whose driver is SIGKILLed mid-way and then resumed equals an uninterrupted run.
+is not UTF-8) + an image-text pair. Checks the output contract, every shard kind read back through a
+`webdataset` pipeline (members, json = manifest row), exact clip durations, and that a run whose driver is SIGKILLed mid-way and then resumed equals an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -137,12 +137,20 @@ def test_poison_is_recorded_and_good_sources_are_ok(full_run, inputs):
     assert (full_run / "config.yaml").is_file()
 
 
+SHARD_MEMBERS = {"video": {"mp4", "jpg", "txt", "json"}, "image": {"jpg", "txt", "json"}}
+
+
 def _shard_samples(out: Path) -> dict[str, dict]:
+    """Every sample of every shard, read per kind through one webdataset pipeline as a loader reads them."""
     samples = {}
-    for tar in sorted((out / "shards").glob("*.tar")):
-        for s in wds.WebDataset(str(tar), shardshuffle=False):
+    for kind, members in SHARD_MEMBERS.items():
+        urls = sorted(str(p) for p in (out / "shards").glob(f"{kind}-*.tar"))
+        if not urls:
+            continue
+        for s in wds.WebDataset(urls, shardshuffle=False):
             assert s["__key__"] not in samples, f"{s['__key__']} written twice"
-            samples[s["__key__"]] = {**s, "shard": tar.name}
+            assert {k for k in s if not k.startswith("__")} == members, (kind, sorted(s))
+            samples[s["__key__"]] = {**s, "shard": Path(s["__url__"]).name}
     return samples
 
 
@@ -154,11 +162,15 @@ def test_shards_hold_exactly_the_kept_clips_with_exact_durations(full_run):
     assert clips.loc[~clips["kept"], "shard"].isna().all() and clips.loc[~clips["kept"], "reject_reason"].notna().all()
     assert kept["reject_reason"].isna().all()
     assert not list((full_run / "shards").glob("*.tmp"))
+    assert {s["shard"].split("-")[0] for s in samples.values()} == {"video", "image"}  # both kinds written
+    manifest_rows = {r["clip_id"]: r for r in pq.read_table(full_run / "manifest" / "clips.parquet").to_pylist()}
     for row in kept.itertuples():
         s = samples[row.clip_id]
         assert s["shard"] == row.shard
         meta = json.loads(s["json"])
         assert meta["clip_id"] == row.clip_id and meta["kept"] is True and meta["shard"] == row.shard
+        nan_free = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in manifest_rows[row.clip_id].items()}
+        assert meta == {k: nan_free[k] for k in meta}  # the json member is the clip's manifest row
         assert s["txt"].decode() == row.caption and s["jpg"][:2] == b"\xff\xd8"
         if row.kind == "image":
             assert "mp4" not in s and row.shard.startswith("image-")
@@ -243,6 +255,22 @@ def test_cli_under_ray_job_submit(ray_cluster, tmp_path):
     clips = _table(out, "clips")
     assert len(clips) == 1 and clips["kind"][0] == "image"
     assert set(_shard_samples(out)) == set(clips.loc[clips["kept"], "clip_id"])
+
+
+def test_cuda_for_open_clip_on_a_cluster_without_gpu_is_refused_before_any_work(ray_cluster, tmp_path):
+    """The cluster has no GPU: scores.clip.device=cuda stops the job with exit status 2 and the field named,
+    before any source is processed or anything is written to OUT."""
+    inp = tmp_path / "inp"
+    inp.mkdir()
+    sample = REPO / "tests" / "assets" / "sample"
+    for name in ("tears_of_steel_frame_0040.jpg", "tears_of_steel_frame_0040.txt"):
+        (inp / name).write_bytes((sample / name).read_bytes())
+    env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["address"]}
+    res = subprocess.run(_curate_cmd(inp, tmp_path / "out", ["scores.clip.device=cuda"]), env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "scores.clip.device: 'cuda' but open_clip gets no GPU" in res.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_open_clip_that_cannot_load_stops_the_job_with_its_reason(ray_cluster, tmp_path):

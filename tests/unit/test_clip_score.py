@@ -11,11 +11,20 @@ import torch
 from PIL import Image
 
 from common.configtree import ConfigError
+import typing
+
+from common.dtypes import Precision
 from curation.clip_score import (
+    TINY_MODEL,
+    ClipPrecision,
     ClipScoreConfig,
     ClipScorer,
     clip_similarity,
+    known_models,
+    resolve_device,
+    resolve_precision,
     sample_frame_indices,
+    validate_clip_config,
 )
 
 
@@ -86,16 +95,50 @@ def test_score_clips_matches_manual_and_handles_missing(tiny: ClipScorer):
 
 def test_missing_checkpoint_names_path_and_key(tmp_path):
     missing = tmp_path / "nowhere" / "open_clip_vit_h14.safetensors"
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(ConfigError) as err:
         ClipScorer(ClipScoreConfig(model="ViT-H-14", checkpoint=str(missing), device="cpu"))
     assert str(missing) in str(err.value) and "scores.clip.checkpoint" in str(err.value)
-    with pytest.raises(FileNotFoundError, match="scores.clip.checkpoint"):
+    with pytest.raises(ConfigError, match="scores.clip.checkpoint"):
         ClipScorer(ClipScoreConfig(model="ViT-H-14", checkpoint=None, device="cpu"))
 
 
 def test_unknown_architecture_is_a_config_error():
+    with pytest.raises(ConfigError, match="scores.clip.model.*did you mean"):
+        ClipScorer(ClipScoreConfig(model="ViT-H-15", checkpoint="/x.pt", device="cpu"))
     with pytest.raises(ConfigError, match="scores.clip.model"):
-        ClipScorer(ClipScoreConfig(model="ViT-Nope-99", checkpoint="/x.pt", device="cpu"))
+        validate_clip_config(ClipScoreConfig(model="ViT-Nope-99", checkpoint="/x.pt"))
+
+
+def test_model_names_are_checked_without_importing_open_clip_and_match_its_registry():
+    """The driver checks scores.clip.model from open_clip's packaged configs (no import: seconds saved);
+    that list must be exactly what open_clip itself offers."""
+    assert set(known_models()) == set(open_clip.list_models()) - {TINY_MODEL}
+    assert "ViT-H-14" in known_models()
+
+
+def test_precision_names_are_the_repo_dtype_map():
+    assert typing.get_args(ClipPrecision) == typing.get_args(Precision)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == torch.float32
+    assert [resolve_precision(p, cpu) for p in ("float32", "bfloat16", "float16")] == \
+        [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_on_a_machine_without_one_is_a_config_error():
+    with pytest.raises(ConfigError, match="scores.clip.device: 'cuda'"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match="scores.clip.device"):
+        ClipScorer(ClipScoreConfig(model="tiny-random", device="cuda"))
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_bfloat16_scorer_runs_in_bfloat16(tiny: ClipScorer):
+    torch.manual_seed(0)
+    bf16 = ClipScorer(ClipScoreConfig(model="tiny-random", device="cpu", precision="bfloat16", batch_size=8))
+    assert bf16.dtype == torch.bfloat16 and next(bf16.model.parameters()).dtype == torch.bfloat16
+    frames = _frames(2, seed=3)
+    np.testing.assert_allclose(bf16.embed_images(frames), tiny.embed_images(frames), atol=0.05)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import pytest
 
@@ -59,3 +60,15 @@ def test_missing_file_is_named(tmp_path):
 def test_flatten_for_tracking():
     flat = flatten(Outer())
     assert flat["inner.threshold"] == 0.5 and flat["inner.sizes"] == [64, 36] and flat["name"] == "job"
+
+
+@dataclass
+class WithChoice:
+    mode: Literal["fast", "exact"] = "fast"
+    size: int = 1
+
+
+def test_literal_choices_are_validated_and_named():
+    assert load(WithChoice, None, ["mode=exact"]).mode == "exact"
+    with pytest.raises(ConfigError, match=r"mode: 'quick' is not one of \['fast', 'exact'\]"):
+        load(WithChoice, None, ["mode=quick"])

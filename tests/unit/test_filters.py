@@ -8,10 +8,16 @@ import random
 import pytest
 
 from common.configtree import ConfigError
+import typing
+
+from curation.config import CurateConfig
 from curation.filters import (
     REJECT_REASONS,
+    SCORE_COLUMNS,
+    DedupPriority,
     FilterConfig,
     apply_filters,
+    for_kind,
     reject_reason,
     validate_filter_config,
 )
@@ -103,6 +109,25 @@ def test_validate_filter_config():
         validate_filter_config(FilterConfig(dedup_max_hamming=20, dedup_bands=2))
     with pytest.raises(ConfigError, match="aesthetic_head"):
         validate_filter_config(FilterConfig(min_aesthetic=5.0), has_aesthetic=False)
+    with pytest.raises(ConfigError, match="dedup_priority=aesthetic"):
+        validate_filter_config(FilterConfig(dedup_priority="aesthetic"), has_aesthetic=False)
+
+
+def test_dedup_priority_choices_are_numeric_score_columns():
+    choices = typing.get_args(DedupPriority)
+    assert "clip_similarity" in choices and set(choices) <= set(SCORE_COLUMNS)
+    assert not {"text_issue", "phash", "score_error", "duplicate_of"} & set(choices)  # not scores to rank by
+
+
+def test_images_skip_duration_and_motion_rules():
+    img = for_kind(CFG, "image")
+    assert (img.min_duration_s, img.max_duration_s, img.min_motion, img.max_motion, img.max_flicker) == (None,) * 5
+    assert img.min_sharpness == CFG.min_sharpness and for_kind(CFG, "video") is CFG
+
+
+def _apply(rows: list[dict], cfg: FilterConfig) -> list[dict]:
+    apply_filters(rows, cfg, media_bytes=[10] * len(rows), random_weights=False)
+    return rows
 
 
 def test_apply_filters_dedups_only_survivors_deterministically():
@@ -113,11 +138,13 @@ def test_apply_filters_dedups_only_survivors_deterministically():
         good_row(clip_id="d", phash=-1, clip_similarity=0.25),  # far from the others
         good_row(clip_id="e", phash=None),
     ]
+    for row in rows:
+        row["kind"] = "video"
     outcomes = []
     for seed in range(4):
         shuffled = [dict(r) for r in rows]
         random.Random(seed).shuffle(shuffled)
-        apply_filters(shuffled, CFG)
+        _apply(shuffled, CFG)
         outcomes.append({r["clip_id"]: (r["kept"], r["reject_reason"], r["duplicate_of"]) for r in shuffled})
     assert all(o == outcomes[0] for o in outcomes)
     got = outcomes[0]
@@ -126,5 +153,45 @@ def test_apply_filters_dedups_only_survivors_deterministically():
     assert got["c"] == (False, "static", None)
     assert got["d"] == (True, None, None)
     assert got["e"][:2] == (False, "missing_phash")
-    no_dedup = apply_filters([dict(r) for r in rows], FilterConfig(**{**CFG.__dict__, "dedup_max_hamming": None}))
+    no_dedup = _apply([dict(r) for r in rows], FilterConfig(**{**CFG.__dict__, "dedup_max_hamming": None}))
     assert {r["clip_id"] for r in no_dedup if r["kept"]} == {"a", "b", "d", "e"}
+
+
+def _row(cid, kind="video", **kw):
+    row = {"clip_id": cid, "source": cid.split("_")[0], "kind": kind, "start_frame": 0, "end_frame": 48,
+           "fps": 24.0 if kind == "video" else None, "text_issue": None, "text_score": 0.9, "motion": 5.0,
+           "flicker": 0.1, "sharpness": 100.0, "brightness": 0.5, "contrast": 0.2, "blank_fraction": 0.0,
+           "clip_similarity": 0.3, "phash": 0x0F0F0F0F0F0F0F0F}
+    if kind == "image":
+        row.update(motion=None, flicker=None, end_frame=1)
+    row.update(kw)
+    return row
+
+
+def test_job_filter_kinds_dedup_random_weights_and_unencoded():
+    """The late filter as pipeline.finalize calls it: per kind, dedup per kind, random CLIP weights, and a
+    clip that passes but was never encoded."""
+    cfg = CurateConfig().filter
+    cfg.min_clip_similarity = 0.25
+    rows = [
+        _row("a_1"),                                   # kept
+        _row("b_1", clip_similarity=0.35, phash=0x0F0F0F0F0F0F0F0E),  # 1 bit from a_1, higher priority
+        _row("c_1", motion=0.0, phash=1),              # static
+        _row("d_1", clip_similarity=0.1, phash=2**40), # caption mismatch (real weights)
+        _row("e_1", kind="image"),                     # images: no motion/duration rules; own dedup group
+        _row("f_1", phash=2**50 + 3),                  # passes, but was never encoded
+        _row("g_1", kind="image", clip_similarity=0.35, phash=0x0F0F0F0F0F0F0F0E),  # = b_1 hash, other kind
+    ]
+    apply_filters(rows, cfg, media_bytes=[10, 10, 0, 10, 10, 0, 10], random_weights=False)
+    got = {r["clip_id"]: r["reject_reason"] for r in rows}
+    assert got == {"a_1": "duplicate", "b_1": None, "c_1": "static", "d_1": "caption_mismatch", "e_1": "duplicate",
+                   "f_1": "score_error", "g_1": None}
+    assert rows[0]["duplicate_of"] == "b_1" and rows[4]["duplicate_of"] == "g_1"
+    assert [r["kept"] for r in rows] == [False, True, False, False, False, False, True]
+    assert "not encoded" in rows[5]["score_error"]
+    # random weights: no similarity threshold, and the sharper duplicate wins instead of the "better match"
+    rows = [_row("d_1", clip_similarity=0.1, sharpness=300.0), _row("g_1", clip_similarity=0.9, phash=rows[0]["phash"])]
+    apply_filters(rows, cfg, media_bytes=[10, 10], random_weights=True)
+    assert [(r["kept"], r["reject_reason"]) for r in rows] == [(True, None), (False, "duplicate")]
+    with pytest.raises(ValueError, match="media sizes"):
+        apply_filters(rows, cfg, media_bytes=[10], random_weights=False)

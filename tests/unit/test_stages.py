@@ -12,7 +12,8 @@ import pytest
 
 from curation.config import load_config
 from curation.inputs import InputItem
-from pipeline.curate import actor_resources
+from common.configtree import ConfigError
+from pipeline.cluster import plan_actors
 from pipeline.stages import CLIP_LOAD_ERROR, ProcessSources, ScoreClips, decode_payload, item_to_row
 from tests import synth
 
@@ -112,14 +113,32 @@ def test_sources_run_in_parallel_threads_with_their_own_decoders(cfg, videos):
      dict(threads=2, process_cpus=2.0, process_actors=3)),
 ])
 def test_actor_sizes_follow_the_cluster(cluster, nodes, overrides, want):
-    sizes = actor_resources(load_config(DEFAULT_YAML, overrides), cluster, nodes)
-    assert {k: sizes[k] for k in want} == want
+    plan = plan_actors(load_config(DEFAULT_YAML, overrides), cluster, nodes)
+    assert {k: getattr(plan, k) for k in want} == want
 
 
 def test_clip_placement_and_threads_are_checked_early():
-    from common.configtree import ConfigError
-
-    with pytest.raises(ConfigError, match="job.clip_placement.*valid keys"):
+    with pytest.raises(ConfigError, match=r"job.clip_placement: 'gpu' is not one of \['auto', 'actors', 'stage1'\]"):
         load_config(DEFAULT_YAML, ["job.clip_placement=gpu"])
     with pytest.raises(ConfigError, match="job.sources_per_actor"):
         load_config(DEFAULT_YAML, ["job.sources_per_actor=0"])
+
+
+@pytest.mark.parametrize("cluster, overrides", [
+    ({"CPU": 2}, []),                                              # no GPU: auto puts open_clip in stage 1
+    ({"CPU": 8, "GPU": 1}, ["job.clip_placement=stage1"]),          # a GPU, but stage-1 actors reserve none
+    ({"CPU": 8, "GPU": 1}, ["job.clip_num_gpus=0"]),                # its own actors, without a GPU
+])
+def test_clip_on_cuda_without_a_gpu_for_it_is_refused_naming_the_field(cluster, overrides):
+    cfg = load_config(DEFAULT_YAML, ["scores.clip.device=cuda", *overrides])
+    with pytest.raises(ConfigError, match="scores.clip.device: 'cuda' but open_clip gets no GPU"):
+        plan_actors(cfg, cluster, [cluster["CPU"]])
+
+
+def test_clip_on_cuda_with_a_gpu_is_planned_on_it():
+    cfg = load_config(DEFAULT_YAML, ["scores.clip.device=cuda"])
+    plan = plan_actors(cfg, {"CPU": 8, "GPU": 2}, [8])
+    assert (plan.clip_in_stage1, plan.clip_gpus) == (False, 1.0)
+    # a cluster whose GPU nodes an autoscaler adds later: asked for explicitly
+    later = load_config(DEFAULT_YAML, ["scores.clip.device=cuda", "job.clip_placement=actors", "job.clip_num_gpus=1"])
+    assert plan_actors(later, {"CPU": 8}, [8]).clip_gpus == 1.0
