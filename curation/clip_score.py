@@ -31,22 +31,18 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common.configtree import ConfigError  # noqa: E402
+from common.dtypes import Precision, resolve_dtype  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
 
 # torch and open_clip are imported where they are used: this module's config and helpers are imported by
 # the driver and by every stage-1 actor, which never build a CLIP (importing both costs ~3 s of start-up).
-# That is also why the precision names below are spelled out instead of importing common.dtypes (which
-# imports torch): tests/unit/test_clip_score.py checks they are exactly common.dtypes.Precision, and the
-# names are turned into dtypes by common.dtypes only.
 
 TINY_MODEL = "tiny-random"
 
 ClipDevice = Literal["auto", "cpu", "cuda"]
 """Where open_clip runs. No "cuda:N": a Ray actor sees only the GPU Ray gave it, as "cuda"."""
-ClipPrecision = Literal["auto", "float32", "bfloat16", "float16"]
-"""= common.dtypes.Precision (checked by a test)."""
 
 # A CLIP small enough for CI (~1.7M parameters); same code path as ViT-H-14 (registered open_clip config).
 TINY_MODEL_CFG = {
@@ -73,7 +69,7 @@ class ClipScoreConfig:
     device: ClipDevice = "auto"
     """"auto" (cuda if available, else cpu), "cpu" or "cuda" (the job checks that the cluster has a GPU
     for it before any work)."""
-    precision: ClipPrecision = "auto"
+    precision: Precision = "auto"
     """"auto" (float16 on cuda, float32 on cpu), "float32", "bfloat16" or "float16"."""
 
 
@@ -148,11 +144,9 @@ def resolve_device(device: ClipDevice) -> torch.device:
     return torch.device(device)
 
 
-def resolve_precision(precision: ClipPrecision, device: torch.device) -> torch.dtype:
+def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype:
     """The dtype of `precision` (common.dtypes); "auto" is float16 on cuda, float32 on cpu."""
     import torch
-
-    from common.dtypes import resolve_dtype
 
     return resolve_dtype(precision, torch.float16 if device.type == "cuda" else torch.float32)
 

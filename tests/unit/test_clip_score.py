@@ -11,12 +11,8 @@ import torch
 from PIL import Image
 
 from common.configtree import ConfigError
-import typing
-
-from common.dtypes import Precision
 from curation.clip_score import (
     TINY_MODEL,
-    ClipPrecision,
     ClipScoreConfig,
     ClipScorer,
     clip_similarity,
@@ -117,7 +113,6 @@ def test_model_names_are_checked_without_importing_open_clip_and_match_its_regis
 
 
 def test_precision_names_are_the_repo_dtype_map():
-    assert typing.get_args(ClipPrecision) == typing.get_args(Precision)
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == torch.float32
     assert [resolve_precision(p, cpu) for p in ("float32", "bfloat16", "float16")] == \
