@@ -68,7 +68,12 @@ def main() -> int:
     for line in sys.stdin:
         if not line.strip():
             continue
-        answers.write(run_job(DecodeRequest.from_json(line)).to_json() + "\n")
+        try:
+            request = DecodeRequest.from_json(line)
+        except Exception:  # a request our caller built wrong: a bug, answered with its traceback
+            answers.write(DecodeAnswer(bug=traceback.format_exc()).to_json() + "\n")
+            continue
+        answers.write(run_job(request).to_json() + "\n")
     return 0
 
 
