@@ -325,15 +325,3 @@ def test_bugs_in_process_source_propagate_instead_of_becoming_rows(cfg, video, t
     with pytest.raises(DecoderBugError, match="TypeError"):
         process_source(_item(video), _config_bug(cfg))
     assert process_source(_item(video), cfg).source_row["status"] == "ok"  # the decoder process goes on
-
-
-def test_stage1_actor_lets_a_bug_through_to_ray(cfg, video):
-    """ProcessSources._guarded runs process_source on a watchdog thread: future.result() re-raises its
-    exception in the actor's call, so Ray sees the task fail (and the driver exits non-zero)."""
-    from curation.errors import DecoderBugError
-    from pipeline.stages import ProcessSources, item_to_row
-
-    stage = ProcessSources(cfg)
-    stage.cfg = _config_bug(stage.cfg)
-    with pytest.raises(DecoderBugError, match="TypeError"):
-        stage({"item": np.array([item_to_row(_item(video))["item"]], dtype=object)})
