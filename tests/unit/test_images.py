@@ -117,7 +117,8 @@ def test_pil_bomb_warning_is_a_rejection_not_a_crash_or_an_accept():
     """100 MP: over PIL's warning threshold (89 MP), under its error (179 MP). With default warnings our
     limit rejects it; with warnings as errors (python -W error) PIL's warning becomes the rejection."""
     data = zero_png(10000, 10000)
-    with pytest.raises(SourceError, match=r"image of 10000x10000 pixels \(100.0 MP\), over decode.max_pixels"):
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(
+            SourceError, match=r"image of 10000x10000 pixels \(100.0 MP\), over decode.max_pixels"):
         decode_image(data, MAX_PIXELS)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
