@@ -15,15 +15,19 @@ per caller, fed one source at a time through a pipe. It writes raw frames into a
 /dev/shm when available) and the caller maps them back without another copy. A decode that runs past
 `timeout_s` gets the process SIGKILLed (`SourceError('decode timed out after N s')`); a process that dies
 from a signal becomes `SourceError('decoder crashed (SIGSEGV)')`. Either way the next source starts a new
-one. `isolation="none"` decodes in-process (no timeout, no crash protection) for callers that are already
-isolated.
+one. A decoder process that fails in our code (an exception that is not an input error, or an exit without
+a signal) raises `curation.errors.DecoderBugError`: a bug, which fails the job. `isolation="none"` decodes
+in-process (no timeout, no crash protection) for callers that are already isolated.
+
+Module layout (no import cycle): the shared types (DecodeConfig, sizes, the process protocol) are in
+curation/decode_types.py, the PyAV/decord passes in curation/decode_backends.py; this module and the
+decoder process (curation/decode_worker.py) both use those and never import each other.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import os
 import select
 import shutil
@@ -33,64 +37,19 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from curation.decode_backends import _decode_into, _MemorySink, small_size, work_size  # noqa: F401
-from curation.errors import SourceError
+from curation.decode_backends import MemorySink, decode_into
+from curation.decode_types import DecodeAnswer, DecodeConfig, DecodeRequest, small_size, work_size
+from curation.errors import DecoderBugError, SourceError
 from curation.frames import YuvFrames
 from curation.probe import ProbeInfo, Source, probe
 
-ISOLATION_MODES = ("process", "none")
-BACKENDS = ("auto", "decord", "pyav")
-
-
-@dataclass
-class DecodeConfig:
-    """How one source is decoded (sizes, memory and time bounds, backend, isolation)."""
-
-    detect_width: int = 128
-    """Width of the small frames used for shot detection and motion (even; height keeps aspect, even)."""
-    work_max_side: int = 512
-    """Long side of the frames kept for scoring and encoding (even sizes; never upscales). Keep it equal to
-    encode.max_side: larger costs a resize of every encoded frame, smaller loses resolution."""
-    max_memory_mb: int = 2048
-    """If work-size frames would exceed this, keep only `small` (frames=None); the pipeline then
-    re-decodes kept ranges with decode_range()."""
-    timeout_s: float = 300.0
-    """Wall-clock bound per source; a hanging decoder is killed: SourceError('decode timed out after N s')."""
-    keep_frames: bool = True
-    """False: produce only `small` (frames=None) and let the decoder scale straight to detect size,
-    which is several times cheaper on HD sources (detection-only callers, benchmarks, tests)."""
-    max_frames: int = 200_000
-    """A source that decodes to more frames than this is rejected (SourceError), never silently cut."""
-    isolation: str = "process"
-    """Where the decoder runs: 'process' (the caller's killable decoder process, default) or 'none'
-    (in-process: no timeout, no crash protection)."""
-    backend: str = "auto"
-    """'auto' (PyAV, then decord when PyAV fails or decodes nothing), 'pyav' only, or 'decord' only."""
-    decoder_threads: int = 0
-    """Decoder threads (0 = the library default). The pipeline's stage-1 actors turn 0 into their CPU share
-    (job.process_cpus): their pool already fills every core."""
-    batch_frames: int = 32
-    """Frames fetched from decord per call (bounds the transient memory of one batch)."""
-    scratch_dir: str | None = None
-    """Folder for the child's frame files; None = /dev/shm when writable, else the system temp dir."""
-
-    def __post_init__(self):
-        if self.detect_width < 16 or self.detect_width % 2:
-            raise ValueError(f"DecodeConfig.detect_width={self.detect_width}: must be even and >= 16")
-        if self.work_max_side < 16 or self.work_max_side % 2:
-            raise ValueError(f"DecodeConfig.work_max_side={self.work_max_side}: must be even and >= 16")
-        if self.timeout_s <= 0:
-            raise ValueError(f"DecodeConfig.timeout_s={self.timeout_s}: must be > 0 seconds")
-        if self.max_frames < 1 or self.batch_frames < 1:
-            raise ValueError("DecodeConfig.max_frames and batch_frames must be >= 1")
-        if self.isolation not in ISOLATION_MODES:
-            raise ValueError(f"DecodeConfig.isolation={self.isolation!r}: valid values are {ISOLATION_MODES}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"DecodeConfig.backend={self.backend!r}: valid values are {BACKENDS}")
+__all__ = ["DecodeConfig", "DecodedVideo", "DecoderProcess", "current_decoder", "decode_range", "decode_video",
+           "local_copy", "small_size", "work_size"]  # DecodeConfig and the sizes live in curation.decode_types
 
 
 @dataclass
@@ -161,33 +120,47 @@ def _sweep_stale(root: str) -> None:
             pass  # alive but not ours
 
 
-class _DecoderProcess:
-    """The caller's decoder process (curation/decode_worker.py): started on first use, restarted after a
-    timeout or crash, one job at a time (a lock: Ray actors may call from a watchdog thread)."""
+WORKER_COMMAND = (sys.executable, "-m", "curation.decode_worker")
+"""How a decoder process is started: curation/decode_worker.py in a fresh interpreter."""
 
-    def __init__(self):
+
+class DecoderProcess:
+    """One decoder process (by default curation/decode_worker.py): started on first use, restarted after
+    a timeout or crash, one request at a time (a lock: Ray actors may call from a watchdog thread).
+
+    `command` is any program that speaks the protocol of curation/decode_types.py (DecodeRequest in,
+    DecodeAnswer out, one JSON line each); `proc` is the running process (None before the first request
+    and after a kill).
+    """
+
+    def __init__(self, command: Sequence[str] = WORKER_COMMAND):
+        self.command = list(command)
         self.proc: subprocess.Popen | None = None
         self.lock = threading.Lock()
 
     def _start(self) -> subprocess.Popen:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-        return subprocess.Popen([sys.executable, "-m", "curation.decode_worker"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, env=env, bufsize=0, close_fds=True)
+        return subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0,
+                                close_fds=True)
 
     def kill(self) -> None:
+        """SIGKILL the process and reap it (the next request starts a new one)."""
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
 
-    def run(self, job: dict, timeout_s: float) -> dict:
+    def run(self, request: DecodeRequest, timeout_s: float) -> DecodeAnswer:
+        """Send one request and wait for its answer. Raises SourceError when the process runs past
+        `timeout_s` (it is killed) or dies from a signal (a crash on this input), DecoderBugError when it
+        exits without a signal or answers with a bug."""
         with self.lock:
             if self.proc is None or self.proc.poll() is not None:
                 self.proc = self._start()
             proc = self.proc
             try:
-                proc.stdin.write((json.dumps(job) + "\n").encode())
+                proc.stdin.write((request.to_json() + "\n").encode())
                 line = _read_line(proc.stdout.fileno(), time.monotonic() + timeout_s)
             except BrokenPipeError:
                 line = b""
@@ -199,8 +172,14 @@ class _DecoderProcess:
                 self.proc = None
                 if code < 0:
                     raise SourceError(f"decoder crashed ({signal.Signals(-code).name})")
-                raise SourceError(f"decoder exited with code {code} and no result")
-            return json.loads(line)
+                # no signal: a Python exception escaped the worker (its traceback is on stderr) or it could
+                # not start; that is our code failing, on every source alike, not this input
+                raise DecoderBugError(f"decoder process {self.command} exited with code {code} without "
+                                      "answering (its traceback is on stderr)")
+            answer = DecodeAnswer.from_json(line)
+            if answer.bug:
+                raise DecoderBugError(f"decoder process raised a programming error:\n{answer.bug}")
+            return answer
 
 
 def _read_line(fd: int, deadline: float) -> bytes | None:
@@ -224,14 +203,14 @@ class _DecoderPool:
 
     def __init__(self):
         self._local = threading.local()
-        self._all: list[_DecoderProcess] = []
+        self._all: list[DecoderProcess] = []
         self._lock = threading.Lock()
 
-    def current(self) -> _DecoderProcess:
-        """This thread's decoder (created on first use; its process starts on its first job)."""
+    def current(self) -> DecoderProcess:
+        """This thread's decoder (created on first use; its process starts on its first request)."""
         decoder = getattr(self._local, "decoder", None)
         if decoder is None:
-            decoder = self._local.decoder = _DecoderProcess()
+            decoder = self._local.decoder = DecoderProcess()
             with self._lock:
                 self._all.append(decoder)
         return decoder
@@ -250,6 +229,11 @@ atexit.register(_DECODERS.kill_all)
 os.register_at_fork(after_in_child=lambda: _DECODERS.__init__())
 
 
+def current_decoder() -> DecoderProcess:
+    """The calling thread's decoder process, the one decode_video and decode_range use by default."""
+    return _DECODERS.current()
+
+
 def _map(path: str, shape: tuple) -> np.ndarray:
     if int(np.prod(shape)) == 0:
         return np.zeros(shape, np.uint8)
@@ -258,17 +242,14 @@ def _map(path: str, shape: tuple) -> np.ndarray:
 
 
 def _run(src: Source, cfg: DecodeConfig, info: ProbeInfo | None, *, start=0, end=None, small=True,
-         keep_work=True, inject=None, span=None):
+         keep_work=True, span=None, decoder: DecoderProcess | None = None):
     """Decode in the configured isolation; returns (info, small, work, timestamps, bad, backend)."""
     if cfg.isolation == "none":
-        from curation.decode_worker import inject as inject_fault
-
-        inject_fault(inject)
         info = info or probe(src)
         if isinstance(src, (bytes, bytearray, memoryview)):
             return _run_isolated_bytes_inprocess(src, cfg, info, start, end, small, keep_work, span)
-        sink = _MemorySink(keep_work)
-        ts, bad, backend = _decode_into(src, cfg, info, sink, start, end, small, span)
+        sink = MemorySink(keep_work)
+        ts, bad, backend = decode_into(src, cfg, info, sink, start, end, small, span)
         ww, wh = work_size(info.width, info.height, cfg)
         ws, hs = small_size(info.width, info.height, cfg)
         s, w = sink.arrays(ws, hs, ww, wh)
@@ -285,20 +266,18 @@ def _run(src: Source, cfg: DecodeConfig, info: ProbeInfo | None, *, start=0, end
             with open(path, "wb") as f:
                 f.write(src)
             src = path
-        job = {"src": os.fspath(src), "cfg": asdict(cfg), "info": asdict(info) if info else None,
-               "folder": folder, "start": start, "end": end, "small": small, "keep_work": keep_work,
-               "inject": inject, "span": span}
-        meta = _DECODERS.current().run(job, cfg.timeout_s)
-        if not meta["ok"]:
-            raise SourceError(meta["error"])
-        info = ProbeInfo(**meta["info"])
-        n = meta["count"]
+        request = DecodeRequest(src=os.fspath(src), cfg=cfg, folder=folder, info=info, start=start, end=end,
+                                small=small, keep_work=keep_work, span=span)
+        answer = (decoder or _DECODERS.current()).run(request, cfg.timeout_s)
+        if answer.error is not None:
+            raise SourceError(answer.error)
+        info, n = answer.info, answer.count
         ww, wh = work_size(info.width, info.height, cfg)
         ws, hs = small_size(info.width, info.height, cfg)
         s = _map(os.path.join(folder, "small.raw"), (n, hs, ws, 3) if small else (n, 0, 0, 3))
-        w = _map(os.path.join(folder, "work.raw"), (n, wh * 3 // 2, ww)) if meta["keep_work"] else None
+        w = _map(os.path.join(folder, "work.raw"), (n, wh * 3 // 2, ww)) if answer.keep_work else None
         ts = np.load(os.path.join(folder, "ts.npy"))
-        return info, s, w, ts, meta["bad"], meta["backend"]
+        return info, s, w, ts, answer.bad, answer.backend
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # mapped pages stay valid until the arrays are freed
 
@@ -315,11 +294,13 @@ def _run_isolated_bytes_inprocess(src, cfg, info, start, end, small, keep_work, 
 
 
 def decode_video(src: Source, cfg: DecodeConfig, probe_info: ProbeInfo | None = None, *,
-                 _inject: str | None = None) -> DecodedVideo:
+                 decoder: DecoderProcess | None = None) -> DecodedVideo:
     """Decode every frame of `src` once into `small` (detection) and `frames` (work size).
 
-    Raises SourceError for unusable input (see probe()), no decodable frame, more than max_frames,
-    a decoder crash, or a decode running past timeout_s. `_inject` is a test-only fault hook.
+    Raises SourceError for unusable input (see probe()), frames over max_pixels, no decodable frame, more
+    than max_frames, a decoder crash, or a decode running past timeout_s; DecoderBugError when the decoder
+    process fails in our code. `decoder`: the decoder process to use (isolation 'process') instead of
+    the calling thread's own (current_decoder()), e.g. one running another program of the same protocol.
     """
     info = probe_info
     keep = cfg.keep_frames
@@ -327,7 +308,7 @@ def decode_video(src: Source, cfg: DecodeConfig, probe_info: ProbeInfo | None = 
         ww, wh = work_size(info.width, info.height, cfg)
         est = info.header_frames or int((info.duration_s or 0) * (info.fps or 0))
         keep = est * ww * wh * 3 // 2 <= cfg.max_memory_mb * 2**20
-    info, small, work, ts, bad, backend = _run(src, cfg, info, keep_work=keep, inject=_inject)
+    info, small, work, ts, bad, backend = _run(src, cfg, info, keep_work=keep, decoder=decoder)
     n = len(small)
     if n == 0:
         raise SourceError(f"no decodable video frames ({info.codec}, {bad} bad packets)")

@@ -1,49 +1,27 @@
-"""Decoding backends behind curation.decode: frame sizes, frame sinks, PyAV and decord passes.
+"""Decoding backends behind curation.decode: frame sinks, PyAV and decord passes.
 
 Both passes hand the sink work-size frames as I420 (curation/frames.py) and detect-size frames as RGB.
 PyAV (the default) keeps decoded frames in YUV and scales the planes with OpenCV: ~2x less CPU than decord,
 which can only return RGB (converted by swscale at full size, then scaled). decord stays as a backend.
-This runs inside the decoder process (curation/decode_worker.py), a clean process where OpenCV is safe.
+This runs inside the decoder process (curation/decode_worker.py), a clean process where OpenCV is safe,
+or in the caller's process with DecodeConfig.isolation='none'.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from curation.errors import SourceError
+from curation.decode_types import DecodeConfig, over_max_pixels, small_size, work_size
+from curation.errors import SourceError, is_input_error
 from curation.frames import i420_to_rgb, pack_i420, rgb_to_i420
 from curation.probe import ProbeInfo, open_container
-
-if TYPE_CHECKING:
-    from curation.decode import DecodeConfig
-
-# --------------------------------------------------------------------------- sizes
-
-
-def _even(x: float) -> int:
-    return max(2, int(round(x / 2.0)) * 2)
-
-
-def small_size(width: int, height: int, cfg: DecodeConfig) -> tuple[int, int]:
-    """(w, h) of the detection frames: detect_width wide, even height keeping the aspect."""
-    return cfg.detect_width, _even(height * cfg.detect_width / width)
-
-
-def work_size(width: int, height: int, cfg: DecodeConfig) -> tuple[int, int]:
-    """(w, h) of the work frames: long side <= work_max_side, even, never upscaled."""
-    scale = min(1.0, cfg.work_max_side / max(width, height))
-    w, h = _even(width * scale), _even(height * scale)
-    # never upscale through rounding
-    return min(w, width - width % 2 or 2), min(h, height - height % 2 or 2)
-
 
 # --------------------------------------------------------------------------- frame sinks
 
 
-class _MemorySink:
+class MemorySink:
     """Collects batches in lists (in-process decoding)."""
 
     retains_batches = True  # keeps the arrays it is given: a reused buffer must be copied first
@@ -76,7 +54,7 @@ class _MemorySink:
         return small, work
 
 
-class _FileSink:
+class FileSink:
     """Streams batches into raw files in a scratch folder (child process); the parent maps them."""
 
     retains_batches = False  # writes each batch at once
@@ -155,7 +133,11 @@ def _decode_decord(src, cfg, info: ProbeInfo, sink, sizes, budget_frames, start=
             _add(sink, work, ws, hs, cfg, budget_frames)
     except (_DecordFailed, SourceError):
         raise
-    except Exception as exc:  # decord raises RuntimeError / DECORDError with multi-line C++ messages
+    except Exception as exc:
+        # decord raises RuntimeError (cannot open) or DECORDError (C++ errors, multi-line messages) on a bad
+        # input; anything else from this block is a bug of ours and propagates
+        if not (isinstance(exc, (RuntimeError, decord.DECORDError)) or is_input_error(exc)):
+            raise
         raise _DecordFailed(" ".join(str(exc).split())[:200]) from None
     return (np.concatenate(stamps) if stamps else np.zeros(0)), 0
 
@@ -247,21 +229,26 @@ def _add(sink, work, ws, hs, cfg, budget_frames):
     sink.add(work, _to_small(work, ws, hs) if ws else None)
 
 
-def _decode_into(src, cfg, info, sink, start=0, end=None, small=True, span=None):
-    """Decode with the configured backend(s) into `sink`; returns (timestamps, bad_frames, backend).
+def decode_into(src, cfg: DecodeConfig, info: ProbeInfo, sink, start=0, end=None, small=True, span=None):
+    """Decode with the configured backend(s) into `sink` (MemorySink or FileSink); returns (timestamps,
+    bad_frames, backend). Raises SourceError for an unusable input, frames over cfg.max_pixels included.
 
     `span` = (t0, t1, count): decode_range's fast path, PyAV seeking to t0 and keeping the frames shown
     up to t1. It must give exactly `count` frames (the range's size in the first decode); anything else
     (a file whose timestamps do not survive a seek) falls back to decoding from the start by index.
     """
+    reason = over_max_pixels(info.width, info.height, cfg)
+    if reason:
+        raise SourceError(f"video frames of {reason}")
     if span is not None and cfg.backend in ("auto", "pyav"):
         try:
             ww, wh = work_size(info.width, info.height, cfg)
             ts, bad = _decode_pyav(src, cfg, info, sink, (ww, wh, 0, 0), cfg.max_frames, span=span[:2])
             if sink.count == span[2]:
                 return ts, bad, "pyav"
-        except SourceError:
-            pass
+        except Exception as exc:  # an input or library error after the seek: decode from the start instead
+            if not is_input_error(exc):
+                raise
         sink.reset(sink.keep_work)
     ww, wh = work_size(info.width, info.height, cfg)
     ws, hs = small_size(info.width, info.height, cfg) if small else (0, 0)
@@ -280,6 +267,8 @@ def _decode_into(src, cfg, info, sink, start=0, end=None, small=True, span=None)
         except SourceError:
             raise
         except Exception as exc:  # a library failure: decord (its own FFmpeg build) gets a try in 'auto'
+            if not is_input_error(exc):
+                raise
             pyav_error = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
             if cfg.backend == "pyav":
                 raise SourceError(f"PyAV failed: {pyav_error}") from None

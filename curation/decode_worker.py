@@ -8,19 +8,24 @@ hostile input, so it must run where it can be killed; starting a fresh interpret
 process starts once per caller (a Ray actor, a test run), is killed on a timeout or dies on a crash, and
 the caller starts a new one for the next source.
 
-Protocol, one request at a time: the caller writes one JSON line (the job) to stdin; the worker decodes
-into the job's scratch folder (small.raw, work.raw, ts.npy) and answers with one JSON line (the meta) on
-the original stdout. Everything else a library prints goes to stderr. EOF on stdin ends the worker.
+Protocol (curation/decode_types.py), one request at a time: the caller writes one DecodeRequest as a JSON
+line to stdin; the worker decodes into the request's scratch folder (small.raw, work.raw, ts.npy) and
+answers with one DecodeAnswer JSON line on the original stdout. Everything else a library prints goes to
+stderr. EOF on stdin ends the worker.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from dataclasses import asdict
+import traceback
 
 import numpy as np
+
+from curation.decode_backends import FileSink, decode_into
+from curation.decode_types import DecodeAnswer, DecodeRequest
+from curation.errors import SourceError, is_input_error
+from curation.probe import probe
 
 
 def _die_with_parent() -> None:
@@ -34,43 +39,23 @@ def _die_with_parent() -> None:
         pass  # not Linux: the worker still ends at EOF on stdin
 
 
-def inject(kind: str | None) -> None:
-    """Test-only fault injection: 'hang' blocks in C (libc pause), 'crash' segfaults."""
-    if kind == "hang":
-        import ctypes
-
-        ctypes.CDLL(None).pause()
-    elif kind == "crash":
-        import ctypes
-        import faulthandler
-
-        faulthandler.disable()  # no Python traceback on stderr for an intended crash
-        ctypes.string_at(0)
-
-
-def run_job(job: dict) -> dict:
-    """Decode job['src'] into job['folder']; returns the meta dict (never raises for a bad source)."""
-    from curation.decode import DecodeConfig
-    from curation.decode_backends import _decode_into, _FileSink
-    from curation.errors import SourceError
-    from curation.probe import ProbeInfo, probe
-
-    folder = job["folder"]
+def run_job(request: DecodeRequest) -> DecodeAnswer:
+    """Decode request.src into request.folder. An unusable input is an answer with `error`; an exception
+    that is not an input error (curation.errors.is_input_error) is an answer with `bug` (its traceback)."""
     try:
-        inject(job.get("inject"))
-        cfg = DecodeConfig(**job["cfg"])
-        info = ProbeInfo(**job["info"]) if job["info"] else probe(job["src"])
-        sink = _FileSink(folder, keep_work=job["keep_work"])
-        ts, bad, backend = _decode_into(job["src"], cfg, info, sink, job["start"], job["end"], job["small"],
-                                        job.get("span"))
+        info = request.info or probe(request.src)
+        sink = FileSink(request.folder, keep_work=request.keep_work)
+        ts, bad, backend = decode_into(request.src, request.cfg, info, sink, request.start, request.end,
+                                       request.small, request.span)
         sink.close()
-        np.save(os.path.join(folder, "ts.npy"), ts)
-        return {"ok": True, "info": asdict(info), "count": sink.count, "keep_work": sink.keep_work,
-                "bad": bad, "backend": backend}
+        np.save(os.path.join(request.folder, "ts.npy"), ts)
+        return DecodeAnswer(info=info, count=sink.count, keep_work=sink.keep_work, bad=bad, backend=backend)
     except SourceError as exc:
-        return {"ok": False, "error": str(exc)}
-    except Exception as exc:  # any other failure of a decoder library is a property of this source
-        return {"ok": False, "error": f"decode failed: {type(exc).__name__}: {exc}"}
+        return DecodeAnswer(error=str(exc))
+    except Exception as exc:
+        if is_input_error(exc):  # a decoder library's own error: a property of this source
+            return DecodeAnswer(error=f"decode failed: {type(exc).__name__}: {exc}")
+        return DecodeAnswer(bug=traceback.format_exc())
 
 
 def main() -> int:
@@ -83,7 +68,12 @@ def main() -> int:
     for line in sys.stdin:
         if not line.strip():
             continue
-        answers.write(json.dumps(run_job(json.loads(line))) + "\n")
+        try:
+            request = DecodeRequest.from_json(line)
+        except Exception:  # a request our caller built wrong: a bug, answered with its traceback
+            answers.write(DecodeAnswer(bug=traceback.format_exc()).to_json() + "\n")
+            continue
+        answers.write(run_job(request).to_json() + "\n")
     return 0
 
 

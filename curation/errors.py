@@ -1,9 +1,18 @@
-"""The one exception type of the clip path.
+"""The exception types of the clip path, and THE rule for which exceptions are data and which are bugs.
 
 A `SourceError` means "this input cannot be used": the pipeline catches it per source and records
 `status=error` with `error=str(exc)` in `manifest/sources.parquet`; the job goes on. Config mistakes are
 not SourceErrors: they raise `common.configtree.ConfigError` before any work starts.
+
+`is_input_error` decides, in one place, what else the per-source code records as data instead of
+raising; everything it does not name is a bug and propagates, so the Ray job fails with a non-zero exit.
 """
+
+from __future__ import annotations
+
+import av
+import cv2
+from PIL import Image
 
 
 class SourceError(Exception):
@@ -16,3 +25,41 @@ class SourceError(Exception):
     @property
     def reason(self) -> str:
         return str(self)
+
+
+class DecoderBugError(Exception):
+    """The decoder process failed in our code, not on the input: it answered with a traceback of an
+    exception that is not an input error, or it exited without answering and without a signal (a Python
+    exception escaped it, or it could not start). A bug: never recorded as a source row."""
+
+
+INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    SourceError,  # our own verdict on an input (probe, decode, caption, image header checks)
+    OSError,  # reading the input: missing, permission, network, truncated (PIL's UnidentifiedImageError)
+    EOFError,  # a file that ends inside a header
+    MemoryError,  # an input too large for the worker's memory
+    av.error.FFmpegError,  # PyAV: demuxing, decoding or encoding this input's streams
+    cv2.error,  # OpenCV decoding or converting this input's pixels
+    Image.DecompressionBombError,  # PIL refusing an image header that declares too many pixels
+    Image.DecompressionBombWarning,  # the same, when warnings are turned into errors (python -W error)
+)
+"""Exception types that describe the input (or the library reading it), not our code.
+
+decord's errors are not listed: decord is imported only in the decoder process, and curation.decode_backends
+turns them into SourceError where it calls decord.
+"""
+
+
+def is_input_error(exc: BaseException) -> bool:
+    """True when `exc` says "this input is unusable" (the source becomes a status=error row); False when it
+    is a bug (TypeError, AttributeError, NameError, KeyError, IndexError, AssertionError, ValueError,
+    RuntimeError, DecoderBugError, ...), which the caller must re-raise.
+
+    Why an allow-list: a curation job runs millions of inputs, so what an input can do to a decoder must
+    never stop it; but a programming error turned into an error row makes every source fail "as data" and
+    the job still exits 0 with an empty dataset. Only exceptions that the input itself (or a library
+    reading it) raises are data; an unknown type fails the job loudly. When a real input shows a library
+    raising some other type, catch that type where the library is called and raise SourceError there (as
+    curation.probe does for av.open) instead of widening this list.
+    """
+    return isinstance(exc, INPUT_ERRORS)

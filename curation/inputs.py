@@ -1,26 +1,34 @@
 """List curation inputs and read their bytes.
 
 An input is either
-- a folder: every video (`.mp4 .webm .mkv .mov .avi .m4v`) and image (`.jpg .jpeg .png .webp .bmp`) under
-  it, searched recursively in sorted order; `NAME.txt` beside `NAME.mp4` / `NAME.jpg` is its caption, or
+- a folder: every video (`.mp4 .webm .mkv .mov .avi .m4v`) and image (`.jpg .jpeg .png .webp .bmp .gif`)
+  under it, searched recursively in sorted order; `NAME.txt` beside `NAME.mp4` / `NAME.jpg` is its
+  caption, or
 - a table (`.csv`, `.parquet`, `.jsonl` / `.json` lines): one row per input, column `video` or `image`
   (a local path, relative to the table's folder, or any fsspec / pyarrow-fs URL such as `s3://...`) and
   an optional `caption` column.
 
+Text encodings (caption files, CSV/JSONL tables, bytes cells of a Parquet caption column): UTF-8 with or
+without a byte-order mark, and UTF-16 with one (LE or BE, as Windows tools write "Unicode" text). Nothing
+else is guessed: a legacy code page decodes to plausible wrong text, and UTF-16 without a BOM (or UTF-32)
+decodes as UTF-8 with NUL characters, so text that is not valid UTF-8, or holds a NUL, is an error.
+
 Nothing here raises on a bad *item*: an unreadable caption is recorded on the item (`caption_error`) and
 becomes a `status=error` row later. A bad *input argument* (missing folder, table without a `video` or
-`image` column) raises `ValueError` before any work starts.
+`image` column, a table that is not text in those encodings) raises `ValueError` before any work starts.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 from pathlib import Path
+
 import fsspec
 
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 TABLE_EXTS = (".csv", ".parquet", ".jsonl", ".json")
 
 
@@ -70,19 +78,53 @@ def _kind_of(name: str) -> str | None:
     return None
 
 
+TEXT_ENCODINGS = "UTF-8 or UTF-16 (with BOM)"
+"""The text encodings read (module docstring); named in every decoding error."""
+
+_BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def text_encoding(head: bytes) -> str:
+    """The Python codec for text starting with `head` (its first bytes): from the byte-order mark, else
+    'utf-8'. The utf-16 and utf-8-sig codecs drop the mark."""
+    for bom, codec in _BOMS:
+        if head.startswith(bom):
+            return codec
+    return "utf-8"
+
+
+def decode_text(raw: bytes) -> str:
+    """`raw` as text (see the module docstring); ValueError naming the problem when it is not."""
+    try:
+        text = raw.decode(text_encoding(raw[:4]))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not {TEXT_ENCODINGS} text: {exc.encoding} {exc.reason} at byte {exc.start}") from None
+    return check_text(text)
+
+
+def check_text(text: str) -> str:
+    """`text` itself; ValueError when it holds a NUL (UTF-16 without a BOM, or UTF-32, read as UTF-8)."""
+    if "\x00" in text:
+        raise ValueError(f"not {TEXT_ENCODINGS} text: it holds NUL characters (UTF-16 without a byte-order "
+                         "mark, or UTF-32?)")
+    return text
+
+
 def read_caption_file(uri: str) -> tuple[str, str | None]:
     """(caption, error) for a caption file; a missing file is an empty caption, not an error."""
+    name = Path(uri).name
     try:
         fs, path = fsspec.core.url_to_fs(uri)
         if not fs.exists(path):
             return "", None
         with fs.open(path, "rb") as fh:
             raw = fh.read()
-        return raw.decode("utf-8").strip(), None
-    except UnicodeDecodeError as exc:
-        return "", f"caption unreadable: {Path(uri).name} is not UTF-8 text ({exc.reason} at byte {exc.start})"
-    except Exception as exc:  # permissions, a directory named NAME.txt, a broken remote...
-        return "", f"caption unreadable: {Path(uri).name}: {type(exc).__name__}: {exc}"
+    except OSError as exc:  # permissions, a directory named NAME.txt, a broken remote...
+        return "", f"caption unreadable: {name}: {type(exc).__name__}: {exc}"
+    try:
+        return decode_text(raw).strip(), None
+    except ValueError as exc:
+        return "", f"caption unreadable: {name}: {exc}"
 
 
 def list_folder(folder: str) -> list[InputItem]:
@@ -103,11 +145,17 @@ def _read_table(path: str):
     import pandas as pd
 
     low = path.lower()
-    if low.endswith(".csv"):
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
     if low.endswith(".parquet"):
-        return pd.read_parquet(path)
-    return pd.read_json(path, lines=True, dtype=False)
+        return pd.read_parquet(path)  # strings are UTF-8 by the format; bytes cells are decoded per row
+    with fsspec.open(path, "rb") as fh:
+        encoding = text_encoding(fh.read(4))
+    try:
+        if low.endswith(".csv"):
+            return pd.read_csv(path, dtype=str, keep_default_na=False, encoding=encoding)
+        return pd.read_json(path, lines=True, dtype=False, encoding=encoding)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"input table {path}: not {TEXT_ENCODINGS} text: {exc.encoding} {exc.reason} "
+                         f"at byte {exc.start}") from None
 
 
 def list_table(table: str) -> list[InputItem]:
@@ -133,15 +181,13 @@ def list_table(table: str) -> list[InputItem]:
             caption, err = "", None
             if cap is None or (isinstance(cap, float) and pd.isna(cap)):
                 caption = ""
-            elif isinstance(cap, bytes):
-                try:
-                    caption = cap.decode("utf-8").strip()
-                except UnicodeDecodeError as exc:
-                    err = f"caption unreadable: not UTF-8 ({exc.reason} at byte {exc.start})"
-            elif not isinstance(cap, str):
+            elif not isinstance(cap, (str, bytes)):
                 err = f"caption unreadable: expected text, got {type(cap).__name__}"
             else:
-                caption = cap.strip()
+                try:
+                    caption = (decode_text(cap) if isinstance(cap, bytes) else check_text(cap)).strip()
+                except ValueError as exc:
+                    err = f"caption unreadable: {exc}"
             items.append(InputItem(source=src, uri=uri, kind=kind, caption=caption, caption_error=err))
     return items
 

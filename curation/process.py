@@ -1,13 +1,15 @@
 """Per-source orchestration, no Ray: one video (or image-text pair) in, manifest rows + encoded samples out.
 
-`process_source` is what a stage-1 Ray actor calls for every input. It never raises: whatever goes wrong
-with an input becomes `status="error"` and a one-line reason in the source row.
+`process_source` is what a stage-1 Ray actor calls for every input. Whatever goes wrong with the input
+becomes `status="error"` and a one-line reason in the source row; a bug in our code raises, so the job
+fails loudly (curation.errors.is_input_error is the rule between the two).
 
 Video path (each source is decoded ONCE; the decode feeds both shot detection and scoring):
     bytes -> probe -> decode (small frames for detection/motion + work-resolution frames)
           -> detect cuts -> clip spans -> per clip: motion, quality, phash, caption rules, K frames for CLIP
           -> cheap filters (everything but CLIP similarity) -> encode survivors: H.264 mp4 + first-frame jpg
-Image path: bytes -> decode -> quality, phash, caption rules, the image for CLIP -> jpg.
+Image path: bytes -> header checks (curation/images.py) -> decode -> quality, phash, caption rules, the image
+            for CLIP -> jpg.
 
 The open_clip similarity (stage 2, GPU actors) and the final filter / global dedup (driver, after the
 stream) fill in `clip_similarity`, `kept`, `reject_reason` and `shard` later: filtering is late, and every
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
 import time
 
@@ -30,8 +31,9 @@ from curation.config import CurateConfig
 from curation.decode import decode_range, decode_video, local_copy
 from curation.dedup import phash64
 from curation.encode import encode_jpeg, encode_mp4, resize_max_side
-from curation.errors import SourceError
+from curation.errors import SourceError, is_input_error
 from curation.filters import reject_reason
+from curation.images import decode_image
 from curation.inputs import InputItem, is_local, read_bytes
 from curation.motion import motion_scores
 from curation.probe import probe
@@ -222,26 +224,10 @@ def process_video(item: InputItem, data: bytes | str, cfg: CurateConfig, second_
     return result
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of an encoded image; SourceError when it is not one."""
-    if len(data) == 0:
-        raise SourceError("empty file (0 bytes)")
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if arr is None:
-        try:  # formats OpenCV lacks (some webp/cmyk jpeg variants): PIL as a second reader
-            from PIL import Image
-
-            with Image.open(io.BytesIO(data)) as im:
-                return np.asarray(im.convert("RGB"))
-        except Exception as exc:
-            raise SourceError(f"not a decodable image ({type(exc).__name__}: {exc})") from None
-    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
-
-
 def process_image(item: InputItem, data: bytes, cfg: CurateConfig) -> SourceResult:
     """One image-text pair: the same scores and filters as a one-frame clip; the sample is a jpg."""
     t0 = time.perf_counter()
-    img = decode_image(data)
+    img = decode_image(data, cfg.decode.max_pixels)
     h, w = img.shape[:2]
     text_score, issue = caption_issues(item.caption, cfg.scores.text)
     row = _base_clip_row(item, issue, text_score)
@@ -273,7 +259,12 @@ def process_image(item: InputItem, data: bytes, cfg: CurateConfig) -> SourceResu
 
 
 def process_source(item: InputItem, cfg: CurateConfig, second_opinion=None) -> SourceResult:
-    """Read, decode and score one input; never raises (errors become status=error rows)."""
+    """Read, decode and score one input.
+
+    An unusable input is a status=error row (its caption, its bytes, or any input error of
+    curation.errors.is_input_error while decoding and scoring it); any other exception is a bug of ours
+    and propagates (the Ray job fails with its traceback).
+    """
     t0 = time.perf_counter()
     if item.caption_error:
         return error_result(item, item.caption_error)
@@ -281,7 +272,7 @@ def process_source(item: InputItem, cfg: CurateConfig, second_opinion=None) -> S
         # Local files go to the decoder by path (no copy); URLs are read through fsspec into memory.
         data = item.uri if is_local(item.uri) else read_bytes(item.uri, max_bytes=cfg.job.max_source_bytes)
         size = os.path.getsize(data) if isinstance(data, str) else len(data)
-    except Exception as exc:
+    except (OSError, ValueError) as exc:  # fsspec: missing or unreachable, a malformed URL, over the size limit
         return error_result(item, f"unreadable: {one_line(exc)}")
     try:
         if size == 0:
@@ -294,5 +285,7 @@ def process_source(item: InputItem, cfg: CurateConfig, second_opinion=None) -> S
     except MemoryError:
         return error_result(item, "out of memory while decoding (lower decode.max_memory_mb)",
                             total_s=time.perf_counter() - t0)
-    except Exception as exc:  # SourceError and any decoder/library failure: data, not a crash
+    except Exception as exc:
+        if not is_input_error(exc):
+            raise  # a bug: fail the job rather than record it as this input's fault
         return error_result(item, one_line(exc), total_s=time.perf_counter() - t0)

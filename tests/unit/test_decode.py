@@ -8,10 +8,13 @@ import av
 import numpy as np
 import pytest
 
-from curation.decode import DecodeConfig, decode_range, decode_video, small_size, work_size
-from curation.errors import SourceError
+from curation.decode import (DecodeConfig, DecoderProcess, current_decoder, decode_range, decode_video, small_size,
+                             work_size)
+from curation.decode_types import DecodeRequest
+from curation.errors import DecoderBugError, SourceError
 from curation.probe import probe
 from tests import synth
+from tests.decoder_faults import fault_command
 
 FPS = 24.0
 
@@ -152,31 +155,52 @@ def test_max_frames_is_an_error_not_a_silent_cut(shots_video):
 
 def test_hanging_decoder_is_killed(shots_video):
     path, _, _ = shots_video
-    import curation.decode as dec
-
-    # the injected hang blocks inside C (libc pause()); only killing the decoder process can end it
+    # a decoder process (tests/decoder_faults.py) that blocks inside C (libc pause()) on its request; only
+    # killing the process can end it
+    hanging = DecoderProcess(fault_command("hang"))
     with pytest.raises(SourceError, match="decode timed out after 1 s"):
-        decode_video(path, DecodeConfig(timeout_s=1.0), _inject="hang")
-    assert dec._DECODERS.current().proc is None  # killed and reaped
+        decode_video(path, DecodeConfig(timeout_s=1.0), decoder=hanging)
+    assert hanging.proc is None  # killed and reaped
     assert decode_video(path, DecodeConfig()).num_frames == 90  # the caller is fine afterwards
 
 
 def test_crashing_decoder_is_an_error_not_a_crash(shots_video):
     path, _, _ = shots_video
+    crashing = DecoderProcess(fault_command("crash"))  # segfaults in C on its request
     with pytest.raises(SourceError, match="decoder crashed \\(SIGSEGV\\)"):
-        decode_video(path, DecodeConfig(), _inject="crash")
+        decode_video(path, DecodeConfig(), decoder=crashing)
+    assert crashing.proc is None
     assert decode_video(path, DecodeConfig()).num_frames == 90
 
 
-def test_one_decoder_process_serves_many_sources(shots_video):
-    import curation.decode as dec
+def test_decoder_failing_in_our_code_is_a_bug_not_a_source_error(shots_video, tmp_path):
+    """A decoder process that exits without a signal, or whose decode raises an exception of our code (here
+    a caller passing a string as a frame index to the real worker), fails loudly: DecoderBugError, which is
+    not an input error, so process_source re-raises it and the job fails."""
+    path, _, n = shots_video
+    with pytest.raises(DecoderBugError, match="exited with code 3"):
+        decode_video(path, DecodeConfig(), decoder=DecoderProcess(fault_command("exit")))
+    request = DecodeRequest(src=str(path), cfg=DecodeConfig(), folder=str(tmp_path), start="0")
+    with pytest.raises(DecoderBugError, match="TypeError"):
+        current_decoder().run(request, timeout_s=60)
+    assert decode_video(path, DecodeConfig()).num_frames == n  # the same worker goes on with the next source
 
+
+def test_one_decoder_process_serves_many_sources(shots_video):
     path, _, n = shots_video
     decode_video(path, DecodeConfig())
-    pid = dec._DECODERS.current().proc.pid
+    pid = current_decoder().proc.pid
     for _ in range(3):
         assert decode_video(path, DecodeConfig()).num_frames == n
-    assert dec._DECODERS.current().proc.pid == pid and dec._DECODERS.current().proc.poll() is None
+    assert current_decoder().proc.pid == pid and current_decoder().proc.poll() is None
+
+
+@pytest.mark.parametrize("isolation", ["process", "none"])
+def test_video_frames_over_max_pixels_are_rejected_before_decoding(shots_video, isolation):
+    path, _, _ = shots_video  # 160 x 96 = 15360 pixels per frame
+    with pytest.raises(SourceError, match="video frames of 160x96 pixels .* over decode.max_pixels=15359"):
+        decode_video(path, DecodeConfig(max_pixels=15359, isolation=isolation))
+    assert decode_video(path, DecodeConfig(max_pixels=15360, isolation=isolation)).num_frames == 90
 
 
 @pytest.mark.parametrize("field, value", [("detect_width", 127), ("work_max_side", 0), ("isolation", "thread"),
@@ -199,8 +223,6 @@ def test_decode_after_caller_used_opencv_threads(shots_video):
 def test_scratch_of_dead_processes_is_swept(shots_video, tmp_path):
     import subprocess
 
-    import curation.decode as dec
-
     dead = subprocess.Popen(["true"])  # a pid that has exited
     dead.wait()
     stale = tmp_path / f"curation-decode-{dead.pid}-abc"
@@ -208,6 +230,35 @@ def test_scratch_of_dead_processes_is_swept(shots_video, tmp_path):
     (stale / "work.raw").write_bytes(b"x" * 1000)
     live = tmp_path / f"curation-decode-{os.getpid()}-xyz"
     live.mkdir()
-    dec._SWEPT.discard(str(tmp_path))
     decode_video(shots_video[0], DecodeConfig(scratch_dir=str(tmp_path)))
     assert not stale.exists() and live.exists()
+
+
+def test_curation_modules_have_no_import_cycle_and_import_no_private_names():
+    """House rule, checked on the source: curation's modules (decode, decode_backends and decode_worker
+    were a cycle once) import each other's public names only, with no cycle, lazy imports included."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "curation"
+    graph: dict[str, set[str]] = {}
+    private = []
+    for path in sorted(root.glob("*.py")):
+        name = f"curation.{path.stem}"
+        graph[name] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("curation."):
+                graph[name].add(node.module)
+                private += [(name, node.module, a.name) for a in node.names if a.name.startswith("_")]
+            elif isinstance(node, ast.Import):
+                graph[name].update(a.name for a in node.names if a.name.startswith("curation."))
+    assert private == []
+    assert graph["curation.decode"] >= {"curation.decode_types", "curation.decode_backends"}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for dep in graph.get(start, ()):
+            if dep == goal or (dep not in seen and (seen.add(dep) or reaches(dep, goal, seen))):
+                return True
+        return False
+
+    assert [m for m in graph if reaches(m, m, set())] == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 
@@ -110,3 +111,75 @@ def test_largest_local_files_are_scheduled_first(tmp_path):
              for n in ("a.mp4", "remote1", "b.mp4", "missing.mp4", "c.mp4")]
     order = [it.source for it in largest_first(items)]
     assert order == ["b.mp4", "c.mp4", "a.mp4", "remote1", "missing.mp4"]  # unknown sizes keep their order
+
+
+CAPTION = "Ein Café am Fluss, 川沿いのカフェ"
+ENCODINGS = {  # name -> the bytes a tool writes for CAPTION + CRLF
+    "utf-8": (CAPTION + "\r\n").encode("utf-8"),
+    "utf-8 with BOM": codecs.BOM_UTF8 + (CAPTION + "\r\n").encode("utf-8"),  # Notepad's "UTF-8 with BOM"
+    "utf-16-le with BOM": codecs.BOM_UTF16_LE + (CAPTION + "\r\n").encode("utf-16-le"),  # Windows "Unicode"
+    "utf-16-be with BOM": codecs.BOM_UTF16_BE + (CAPTION + "\r\n").encode("utf-16-be"),
+}
+UNDECODABLE = {  # name -> (bytes, what the reason says)
+    "latin-1": ("café au lait".encode("latin-1"), "utf-8 invalid continuation byte at byte 3"),
+    "ascii as utf-16-le without BOM": ("a dog".encode("utf-16-le"), "NUL characters"),  # valid UTF-8 + NULs
+    "utf-16-le without BOM": (CAPTION.encode("utf-16-le"), "utf-8 invalid"),
+    "utf-32 with BOM": (CAPTION.encode("utf-32"), "NUL characters"),  # FF FE 00 00: UTF-16 BOM, then NULs
+    "utf-16 with BOM, odd length": (codecs.BOM_UTF16_LE + "ab".encode("utf-16-le") + b"c", "truncated data"),
+    "utf-16 with BOM, lone surrogate": (codecs.BOM_UTF16_LE + b"\x00\xd8a\x00", "utf-16-le"),
+}
+
+
+@pytest.mark.parametrize("encoding", list(ENCODINGS))
+def test_caption_files_in_utf8_and_utf16_with_bom_are_read(tmp_path, encoding):
+    _touch(tmp_path / "v.mp4")
+    (tmp_path / "v.txt").write_bytes(ENCODINGS[encoding])
+    (item,) = list_inputs(str(tmp_path))
+    assert item.caption_error is None and item.caption == CAPTION  # BOM and line ending gone
+
+
+@pytest.mark.parametrize("encoding", list(UNDECODABLE))
+def test_undecodable_caption_files_are_recorded_with_the_reason(tmp_path, encoding):
+    raw, detail = UNDECODABLE[encoding]
+    _touch(tmp_path / "v.mp4")
+    (tmp_path / "v.txt").write_bytes(raw)
+    (item,) = list_inputs(str(tmp_path))
+    assert item.caption == ""
+    assert item.caption_error.startswith("caption unreadable: v.txt: not UTF-8 or UTF-16 (with BOM) text: ")
+    assert detail in item.caption_error
+
+
+@pytest.mark.parametrize("encoding", list(ENCODINGS))
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_text_tables_in_utf8_and_utf16_with_bom_are_read(tmp_path, fmt, encoding):
+    rows = [{"video": "a.mp4", "caption": CAPTION}, {"video": "b.mp4", "caption": "zwei Kähne"}]
+    if fmt == "csv":
+        text = pd.DataFrame(rows).to_csv(index=False, lineterminator="\r\n")
+    else:
+        text = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
+    codec = encoding.split()[0]
+    bom = ENCODINGS[encoding][: len(ENCODINGS[encoding]) - len((CAPTION + "\r\n").encode(codec))]
+    (tmp_path / f"t.{fmt}").write_bytes(bom + text.encode(codec))
+    items = list_inputs(str(tmp_path / f"t.{fmt}"))
+    assert [(i.source, i.caption, i.caption_error) for i in items] == [("a.mp4", CAPTION, None),
+                                                                       ("b.mp4", "zwei Kähne", None)]
+
+
+def test_text_table_in_another_encoding_is_an_input_error(tmp_path):
+    (tmp_path / "t.csv").write_bytes("video,caption\na.mp4,café\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"input table .*t\.csv: not UTF-8 or UTF-16 \(with BOM\) text"):
+        list_inputs(str(tmp_path / "t.csv"))
+
+
+def test_parquet_caption_cells_of_bytes_are_decoded_like_caption_files(tmp_path):
+    cells = [raw for raw in ENCODINGS.values()] + [raw for raw, _ in UNDECODABLE.values()] + ["a NUL\x00 in a string"]
+    videos = [f"v{i}.mp4" for i in range(len(cells))]
+    pd.DataFrame({"video": videos[:-1], "caption": cells[:-1]}).to_parquet(tmp_path / "b.parquet")
+    pd.DataFrame({"video": videos[-1:], "caption": cells[-1:]}).to_parquet(tmp_path / "s.parquet")
+    items = list_inputs(str(tmp_path / "b.parquet")) + list_inputs(str(tmp_path / "s.parquet"))
+    good, bad = items[: len(ENCODINGS)], items[len(ENCODINGS):]
+    assert [(i.caption, i.caption_error) for i in good] == [(CAPTION, None)] * len(ENCODINGS)
+    details = [d for _, d in UNDECODABLE.values()] + ["NUL characters"]
+    for item, detail in zip(bad, details, strict=True):
+        assert item.caption == "" and item.caption_error.startswith("caption unreadable: not UTF-8 or UTF-16")
+        assert detail in item.caption_error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import io
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from curation.config import load_config
 from curation.inputs import InputItem, list_inputs
+from curation.probe import probe as probe_bytes
 from curation.process import clip_id_for, process_source
 
 REPO = Path(__file__).resolve().parents[2]
@@ -223,3 +225,103 @@ def test_over_memory_budget_gives_the_same_clips_by_seeking(cfg, video):
         assert got.media == ref.media and len(ref.media) == 3
         for a, b in zip(got.clip_rows, ref.clip_rows):
             assert a["sharpness"] == b["sharpness"] and a["motion"] == b["motion"]
+
+
+# --------------------------------------------------------------------------- robust inputs
+
+
+def _png(frame: np.ndarray) -> bytes:
+    return cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
+def test_captions_in_utf16_are_read_and_other_encodings_are_error_rows(cfg, tmp_path):
+    (tmp_path / "a.png").write_bytes(_png(synthetic_frames()[10]))
+    (tmp_path / "a.txt").write_bytes(codecs.BOM_UTF16_LE + "ein bunter Stoff, Café".encode("utf-16-le"))
+    (tmp_path / "b.png").write_bytes(_png(synthetic_frames()[50]))
+    (tmp_path / "b.txt").write_bytes("ein bunter Stoff, Café".encode("cp1252"))
+    items = {Path(i.source).name: i for i in list_inputs(str(tmp_path))}
+    good = process_source(items["a.png"], cfg)
+    assert good.source_row["status"] == "ok" and good.clip_rows[0]["caption"] == "ein bunter Stoff, Café"
+    bad = process_source(items["b.png"], cfg).source_row
+    assert bad["status"] == "error"
+    assert bad["error"].startswith("caption unreadable: b.txt: not UTF-8 or UTF-16 (with BOM) text: utf-8")
+
+
+def test_oversized_and_animated_images_are_error_rows_with_the_reason(cfg, tmp_path):
+    from PIL import Image
+
+    frames = [Image.fromarray(synthetic_frames()[i]) for i in (0, 60)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:])
+    (tmp_path / "big.png").write_bytes(_png(synthetic_frames()[0]))  # 160 x 96 = 15360 pixels
+    small_limit = load_config(REPO / "configs" / "curate_default.yaml", ["decode.max_pixels=15359"])
+    items = {Path(i.source).name: i for i in list_inputs(str(tmp_path))}
+    gif = process_source(items["anim.gif"], cfg).source_row
+    webp = process_source(items["anim.webp"], cfg).source_row
+    big = process_source(items["big.png"], small_limit).source_row
+    assert gif["status"] == webp["status"] == big["status"] == "error"
+    assert gif["error"].startswith("animated GIF") and webp["error"].startswith("animated WEBP (2 frames)")
+    assert big["error"] == "image of 160x96 pixels (0.0 MP), over decode.max_pixels=15359: not decoded"
+    assert process_source(items["big.png"], cfg).source_row["status"] == "ok"
+
+
+# --------------------------------------------------------------------------- input errors vs bugs
+
+
+def _raised(fn) -> BaseException:
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001 - the test wants the exception object
+        return exc
+    raise AssertionError("expected an exception")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _raised(lambda: probe_bytes(b"not a video")),  # SourceError
+    lambda: _raised(lambda: open("/nonexistent/input.mp4", "rb")),  # OSError
+    lambda: _raised(lambda: av.open(io.BytesIO(b"\x00" * 64))),  # PyAV
+    lambda: _raised(lambda: cv2.resize(np.zeros((0, 0), np.uint8), (2, 2))),  # OpenCV
+    lambda: _raised(lambda: __import__("PIL.Image").Image.open(io.BytesIO(b"junk"))),  # PIL: an OSError
+    lambda: __import__("PIL.Image").Image.DecompressionBombError("Image size (900000000 pixels) exceeds ..."),
+    lambda: MemoryError(),
+    lambda: EOFError("compressed file ended before the end-of-stream marker was reached"),
+], ids=["SourceError", "OSError", "av", "cv2", "PIL", "DecompressionBombError", "MemoryError", "EOFError"])
+def test_input_and_library_errors_are_data(make):
+    from curation.errors import is_input_error
+
+    assert is_input_error(make())
+
+
+@pytest.mark.parametrize("fn", [
+    lambda: 1 + "1", lambda: None.width, lambda: undefined_name, lambda: {}["fps"],  # noqa: F821
+    lambda: [][0], lambda: int("x"), lambda: np.zeros(3).reshape(2, 2),
+])
+def test_programming_errors_are_not_data(fn):
+    from curation.errors import DecoderBugError, is_input_error
+
+    assert not is_input_error(_raised(fn))
+    assert not is_input_error(AssertionError()) and not is_input_error(DecoderBugError("x"))
+
+
+def _config_bug(cfg):
+    """A config given a value of the wrong type after its validation (a bug in our code)."""
+    import copy
+
+    bad = copy.deepcopy(cfg)
+    bad.decode.max_pixels = "64 MP"
+    return bad
+
+
+def test_bugs_in_process_source_propagate_instead_of_becoming_rows(cfg, video, tmp_path):
+    """The same source is an ok row with a sound config; with a bug the exception escapes: a TypeError in
+    this process for an image, DecoderBugError (the decoder process's TypeError) for a video."""
+    from curation.errors import DecoderBugError
+
+    img = tmp_path / "x.png"
+    img.write_bytes(_png(synthetic_frames()[0]))
+    assert process_source(_item(img, kind="image"), cfg).source_row["status"] == "ok"
+    with pytest.raises(TypeError):
+        process_source(_item(img, kind="image"), _config_bug(cfg))
+    with pytest.raises(DecoderBugError, match="TypeError"):
+        process_source(_item(video), _config_bug(cfg))
+    assert process_source(_item(video), cfg).source_row["status"] == "ok"  # the decoder process goes on
