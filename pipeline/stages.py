@@ -20,10 +20,12 @@ import logging
 import pickle
 import threading
 import time
+import traceback
 
 import numpy as np
 
 from curation.config import CurateConfig
+from curation.errors import is_input_error
 from curation.inputs import InputItem
 from curation.process import CLIP_SIMILARITY, SourceResult, error_result, process_source
 from curation.torch_rng import GLOBAL_RNG_LOCK
@@ -32,6 +34,17 @@ log = logging.getLogger(__name__)
 
 CLIP_LOAD_ERROR = "_clip_load_error"
 """Private source-row key: open_clip failed to load in a stage-1 actor (the driver stops the job)."""
+STAGE_BUG = "_stage_bug"
+"""Private source-row key: a stage raised a programming error on this source (the driver stops the job).
+Handed to the driver as data because Ray Data drops a block whose task raised (pipeline/stream.py sets
+max_errored_blocks=-1 so a dead worker does not end the job): the source would be "lost" and the job exit 0."""
+
+
+def flag_bug(result: SourceResult, stage: str, exc: Exception) -> SourceResult:
+    """Mark `result` as hit by a programming error in `stage` (traceback kept for the driver's message)."""
+    result.clip_frames = []
+    result.source_row[STAGE_BUG] = f"{stage}: " + "".join(traceback.format_exception(exc))[-4000:]
+    return result
 
 
 def encode_payload(result: SourceResult) -> bytes:
@@ -126,10 +139,13 @@ class ClipScoring:
         result.source_row.setdefault("_timing", {})["clip_s"] = time.perf_counter() - t0
 
     def score_or_reject(self, result: SourceResult) -> None:
-        """score(), where a failure rejects this source's clips (score_error) and nothing more."""
+        """score(), where an input or library failure rejects this source's clips (score_error) and nothing
+        more; a programming error propagates (curation.errors.is_input_error decides)."""
         try:
             self.score(result)
         except Exception as exc:
+            if not is_input_error(exc):
+                raise
             result.clip_frames = []
             msg = f"clip scoring failed: {type(exc).__name__}: {exc}"[:500]
             for clip_row in result.clip_rows:
@@ -195,9 +211,14 @@ class ProcessSources:
         keys, payloads = [], []
         for row in _rows(batch):
             item = item_from_row(row)
-            result = self._guarded(item)
-            if self._scoring is not None:
-                self._score(result)
+            result = None
+            try:
+                result = self._guarded(item)
+                if self._scoring is not None:
+                    self._score(result)
+            except Exception as exc:  # only bugs get here (curation.errors.is_input_error)
+                result = flag_bug(result or error_result(item, f"stage 1 failed: {type(exc).__name__}"),
+                                  "stage 1", exc)
             keys.append(item.key)
             payloads.append(encode_payload(result))
         return {"key": keys, "payload": payloads}
@@ -214,7 +235,10 @@ class ScoreClips:
         keys, payloads = [], []
         for row in _rows(batch):
             result = decode_payload(row["payload"])
-            self.scoring.score_or_reject(result)
+            try:
+                self.scoring.score_or_reject(result)
+            except Exception as exc:  # only bugs get here (curation.errors.is_input_error)
+                flag_bug(result, "stage 2 (open_clip)", exc)
             keys.append(str(row["key"]))
             payloads.append(encode_payload(result))
         return {"key": keys, "payload": payloads}

@@ -83,7 +83,7 @@ def run_stream(cfg: CurateConfig, out: Path, todo: list[InputItem], plan: ActorP
 
     `plan` may be None only when there is nothing to do. JobError when open_clip failed to load in an actor.
     """
-    from pipeline.stages import CLIP_LOAD_ERROR, decode_payload
+    from pipeline.stages import CLIP_LOAD_ERROR, STAGE_BUG, decode_payload
 
     staging_dir = staging.folder_of(out)
     done = 0
@@ -96,6 +96,9 @@ def run_stream(cfg: CurateConfig, out: Path, todo: list[InputItem], plan: ActorP
                 result: SourceResult = decode_payload(payload)
                 if result.source_row.get(CLIP_LOAD_ERROR):
                     raise JobError(result.source_row[CLIP_LOAD_ERROR])
+                if result.source_row.get(STAGE_BUG):
+                    raise JobError(f"a programming error on {result.source_row['source']} (nothing of it "
+                                   f"staged), in {result.source_row[STAGE_BUG]}")
                 staging.write_source(staging_dir, str(key), result.source_row, result.clip_rows, result.media)
                 done += 1
                 row = result.source_row

@@ -3,6 +3,7 @@ how the job sizes its actors from the cluster's resources."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 from pathlib import Path
@@ -14,7 +15,7 @@ from curation.config import load_config
 from curation.inputs import InputItem
 from common.configtree import ConfigError
 from pipeline.cluster import plan_actors
-from pipeline.stages import CLIP_LOAD_ERROR, ProcessSources, ScoreClips, decode_payload, item_to_row
+from pipeline.stages import CLIP_LOAD_ERROR, STAGE_BUG, ProcessSources, ScoreClips, decode_payload, item_to_row
 from tests import synth
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,10 +71,31 @@ def test_open_clip_that_cannot_load_flags_the_source_for_the_driver(cfg, videos,
     assert res.clip_frames == []
 
 
+def test_a_programming_error_in_stage_1_is_flagged_for_the_driver_not_recorded_as_bad_input(cfg, videos):
+    """A bug (here a config value of the wrong type slipped in after validation) is not an input error:
+    stage 1 hands it to the driver, which stops the job (Ray Data would drop a block that raised)."""
+    stage = ProcessSources(cfg)
+    decode = copy.copy(stage.cfg.decode)
+    decode.max_pixels = "64 MP"  # bypasses __post_init__, as a bug would
+    stage.cfg = dataclasses.replace(stage.cfg, decode=decode)
+    res = _result(stage(_batch(videos[0])))
+    assert res.source_row[STAGE_BUG].startswith("stage 1: ")
+    assert "TypeError" in res.source_row[STAGE_BUG] or "DecoderBugError" in res.source_row[STAGE_BUG]
+
+
+def test_a_programming_error_in_open_clip_scoring_is_flagged_not_a_score_error(cfg, videos):
+    plain = ProcessSources(cfg)(_batch(videos[0]))
+    stage2 = ScoreClips(cfg)
+    stage2.scoring.score = lambda result: None.attribute  # an AttributeError from our own code
+    res = _result(stage2({"key": plain["key"], "payload": plain["payload"]}))
+    assert res.source_row[STAGE_BUG].startswith("stage 2 (open_clip): ") and "AttributeError" in res.source_row[STAGE_BUG]
+    assert not any(r.get("score_error") for r in res.clip_rows)
+
+
 def test_sources_run_in_parallel_threads_with_their_own_decoders(cfg, videos):
     """One actor called from several threads at once (job.sources_per_actor): every source gives what it
     gives alone, and each calling thread decodes in a decoder process of its own."""
-    import curation.decode as dec
+    from curation import decode as dec
 
     stage = ProcessSources(cfg, score_clips=True)
     alone = [_rows(_result(stage(_batch(v)))) for v in videos]
@@ -84,7 +106,7 @@ def test_sources_run_in_parallel_threads_with_their_own_decoders(cfg, videos):
     def work(k: int) -> None:
         barrier.wait()  # all three start together
         got[k] = _rows(_result(stage(_batch(videos[k]))))
-        pids[k] = stage._local.pool.submit(lambda: dec._DECODERS.current().proc.pid).result()
+        pids[k] = stage._local.pool.submit(lambda: dec.current_decoder().proc.pid).result()
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(len(videos))]
     for t in threads:
