@@ -32,7 +32,7 @@ from curation.decode import decode_range, decode_video, local_copy
 from curation.dedup import phash64
 from curation.encode import encode_jpeg, encode_mp4, resize_max_side
 from curation.errors import SourceError, is_input_error
-from curation.filters import reject_reason
+from curation.filters import for_kind, reject_reason
 from curation.images import decode_image
 from curation.inputs import InputItem, is_local, read_bytes
 from curation.motion import motion_scores
@@ -95,15 +95,7 @@ def error_result(item: InputItem, reason: str, **timings) -> SourceResult:
 def cheap_filter_cfg(cfg: CurateConfig, kind: str = "video"):
     """The filter config used in stage 1 to decide what to encode: everything but the CLIP and aesthetic
     thresholds (those scores are not known before stage 2)."""
-    return filter_cfg_for(dataclasses.replace(cfg.filter, min_clip_similarity=None, min_aesthetic=None), kind)
-
-
-def filter_cfg_for(fcfg, kind: str):
-    """Images have no duration, motion or flicker: those rules do not apply to them."""
-    if kind == "image":
-        return dataclasses.replace(fcfg, min_duration_s=None, max_duration_s=None, min_motion=None,
-                                   max_motion=None, max_flicker=None)
-    return fcfg
+    return for_kind(dataclasses.replace(cfg.filter, min_clip_similarity=None, min_aesthetic=None), kind)
 
 
 def _quality_cfg(cfg: CurateConfig):
