@@ -19,7 +19,7 @@ DEFAULT_YAML = REPO / "configs" / "curate_default.yaml"
 FREE_TEXT = {"scores.clip.model", "scores.clip.checkpoint", "scores.quality.aesthetic_head", "scores.text.boilerplate",
              "decode.scratch_dir", "shots.transnet_weights"}
 # Choice fields of sections converted to Literal on other branches (decode, shots); may shrink to empty.
-PENDING = {"decode.isolation", "decode.backend", "shots.detector", "shots.second_opinion", "shots.transnet_device",
+PENDING = {"shots.detector", "shots.second_opinion", "shots.transnet_device",
            "shots.transnet_precision"}
 
 
