@@ -4,7 +4,7 @@ Clips are the first frames of tests/assets/sample/clip_02_caminandes.mp4 (a real
 a frame-number marker: the top 16 rows of frame i are the flat grey MARKER_BASE + MARKER_STEP * i, which
 survives H.264 and the loader's resize/crop, so a test can read back which source frame the loader
 sampled. They are encoded by the curation job's own encoder (`curation.encode.encode_mp4`: H.264, moov in
-front) and written with webdataset's TarWriter in the curation layout (KEY.mp4/.jpg/.txt/.json for
+front; or, for clips that must make random access seek, PyAV with a short keyframe interval) and written with webdataset's TarWriter in the curation layout (KEY.mp4/.jpg/.txt/.json for
 videos, KEY.jpg/.txt/.json for images).
 
 Damage helpers cut or overwrite bytes of a written shard at a named member, like a failed copy would.
@@ -12,8 +12,10 @@ Damage helpers cut or overwrite bytes of a written shard at a named member, like
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
+from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import cv2
 import numpy as np
 import webdataset as wds
 
-from curation.encode import EncodeConfig, encode_jpeg, encode_mp4
+from curation.encode import EncodeConfig, encode_jpeg, encode_mp4, faststart
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_CLIP = REPO / "tests" / "assets" / "sample" / "clip_02_caminandes.mp4"
@@ -61,18 +63,31 @@ def marker_index(frame: np.ndarray) -> int:
     return int(round((float(band.mean()) - MARKER_BASE) / MARKER_STEP))
 
 
-def clip_mp4(num_frames: int, fps: float = 24.0, offset: int = 0) -> bytes:
-    """A marked H.264 clip of `num_frames` frames at `fps`, encoded like the curation job does."""
-    data, _ = encode_mp4(marked_frames(num_frames, offset), fps, EncodeConfig(max_fps=240.0, max_side=CLIP_W))
-    return data
+def clip_mp4(num_frames: int, fps: float = 24.0, offset: int = 0, keyint: int | None = None) -> bytes:
+    """A marked H.264 clip of `num_frames` frames at `fps`, encoded like the curation job does; with
+    `keyint`, a keyframe every `keyint` frames (and B-frames), so that random access has to seek."""
+    frames = marked_frames(num_frames, offset)
+    if keyint is None:
+        data, _ = encode_mp4(frames, fps, EncodeConfig(max_fps=240.0, max_side=CLIP_W))
+        return data
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = CLIP_W, CLIP_H, "yuv420p"
+        stream.options = {"x264-params": f"keyint={keyint}:min-keyint={keyint}:bframes=3:scenecut=0"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+    return faststart(buf.getvalue())
 
 
-def video_sample(key: str, num_frames: int = 40, fps: float = 24.0, caption: str | None = None, offset: int = 0) -> dict:
+def video_sample(key: str, num_frames: int = 40, fps: float = 24.0, caption: str | None = None, offset: int = 0,
+                 keyint: int | None = None) -> dict:
     """A complete video sample dict for TarWriter (mp4, first-frame jpg, caption, manifest json)."""
     frames = marked_frames(num_frames, offset)
     return {
         "__key__": key,
-        "mp4": clip_mp4(num_frames, fps, offset),
+        "mp4": clip_mp4(num_frames, fps, offset, keyint),
         "jpg": encode_jpeg(frames[0]),
         "txt": (caption or f"caption of {key}").encode(),
         "json": json.dumps({"clip_id": key, "kind": "video", "out_fps": fps, "num_frames": num_frames,

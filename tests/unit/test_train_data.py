@@ -1,9 +1,10 @@
 """Training data loader (training/data.py) on shards built in code from a real clip (tests/train_shards.py).
 
-Two shard sets: `good` (11 marked clips at 24/12/30 fps in two shards + 4 images) and `bad` (the same
-kinds of damage a real dataset has: garbage mp4 bytes, a member missing, a clip shorter than F, a caption
-that is not UTF-8, a garbled tar header, a tar truncated inside a member, an empty shard, a garbage jpg,
-among good samples). Every loader test has a pytest timeout: a hang fails instead of blocking CI.
+Two shard sets: `good` (11 marked clips at 24/12/30 fps in two shards, five of them with a keyframe every
+7 frames, + 4 images) and `bad` (the same
+kinds of damage a real dataset has: garbage mp4 bytes, an mp4 of an unknown codec, a member missing, a
+clip shorter than F, a caption that is not UTF-8, a garbled tar header, a tar truncated inside a member, an
+empty shard, a garbage jpg, among good samples). Every loader test has a pytest timeout: a hang fails instead of blocking CI.
 """
 
 from __future__ import annotations
@@ -36,14 +37,16 @@ BAD_GOOD_VIDEO = ["vA", "vF", "vH", "vI"]
 BAD_GOOD_IMAGE = ["iA", "iC"]
 BAD_EXPECTED = {  # (key, reason) of every sample the bad set must skip
     ("vB", "undecodable_video"), ("vC", "missing_member"), ("vD", "too_short"), ("vE", "corrupt_member"),
-    ("vG", "missing_member"), ("vJ", "corrupt_member"), ("iB", "undecodable_image"),
+    ("vG", "missing_member"), ("vJ", "corrupt_member"), ("vK", "undecodable_video"), ("iB", "undecodable_image"),
 }
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
     root = tmp_path_factory.mktemp("good")
-    samples = [video_sample(k, 40, CLIP_FPS[k], offset=3 * i) for i, k in enumerate(GOOD_VIDEO)]
+    # the second shard's clips have a keyframe every 7 frames (+ B-frames): random access must seek right
+    samples = [video_sample(k, 40, CLIP_FPS[k], offset=3 * i, keyint=7 if i >= 6 else None)
+               for i, k in enumerate(GOOD_VIDEO)]
     write_tar(root / "shards" / "video-000000.tar", samples[:6])
     write_tar(root / "shards" / "video-000001.tar", samples[6:])
     write_tar(root / "shards" / "image-000000.tar", [image_sample(k, frame=i) for i, k in enumerate(GOOD_IMAGE)])
@@ -64,7 +67,9 @@ def bad(tmp_path_factory):
     ])
     garble_header(shard0, "vF.jpg")  # a member the loader does not need: vF stays usable
     garble_header(shard0, "vG.mp4")  # vG loses its clip
-    shard1 = write_tar(root / "video-000001.tar", [video_sample("vI"), video_sample("vJ")])
+    unknown_codec = video_sample("vK")  # a valid container whose stream no decoder knows
+    unknown_codec["mp4"] = unknown_codec["mp4"].replace(b"avc1", b"zzzz")
+    shard1 = write_tar(root / "video-000001.tar", [video_sample("vI"), unknown_codec, video_sample("vJ")])
     truncate_inside(shard1, "vJ.mp4")
     (root / "video-000002.tar").write_bytes(b"")
     write_tar(root / "image-000000.tar", [
@@ -190,7 +195,7 @@ def test_frame_sampling_follows_fps_frames_and_crop(good, reader):
     from tests.train_shards import marked_frames
     cfg = cfg_for(good, fps_choices=[4, 8, 24], batch_size=4, reader=reader)
     fps_seen = Counter()
-    lefts = set()
+    lefts, seeking_starts = set(), set()
     with TrainLoader(cfg, seed=5) as loader:
         for b in take(loader, 8):
             assert b.pixels.shape == (4, 3, 4, 64, 64) and b.pixels.dtype == torch.float32
@@ -204,6 +209,8 @@ def test_frame_sampling_follows_fps_frames_and_crop(good, reader):
                 stride = src_fps / fps
                 assert marks == [marks[0] + round(i * stride) for i in range(4)], (key, fps, marks)
                 assert 0 <= marks[0] and marks[-1] < 40
+                if GOOD_VIDEO.index(key) >= 6:
+                    seeking_starts.add(marks[0])
                 # the crop is an exact 64x64 window of the 96x64 source frame (no resize needed here)
                 offset = 3 * GOOD_VIDEO.index(key)
                 ref = torch.from_numpy(marked_frames(40, offset)[marks[0]]).permute(2, 0, 1).float() / 127.5 - 1
@@ -211,6 +218,7 @@ def test_frame_sampling_follows_fps_frames_and_crop(good, reader):
                 assert min(errors) < 0.03, min(errors)
                 lefts.add(int(np.argmin(errors)))
     assert set(fps_seen) == {4, 8, 24}  # the seeded choice uses every usable rate
+    assert max(seeking_starts) >= 7  # some reads started past the first keyframe of a short-GOP clip
     assert len(lefts) > 3  # random crop offsets, not a fixed centre crop
 
 
