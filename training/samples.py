@@ -40,6 +40,7 @@ from model.encoders import ClipConfig
 from model.generate import load_image, load_pipeline, save_stage, to_uint8_frames, write_video
 from model.unet import I2VGenUNet
 from model.vae import VAEConfig
+from training.data import DataConfig, validation_items
 
 Stage = Literal["base", "refine"]
 
@@ -125,15 +126,14 @@ def image_items(cfg: SamplingConfig, height: int, width: int) -> list[dict[str, 
     return items
 
 
-def sampling_items(cfg: SamplingConfig, stage: Stage, data_cfg: Any) -> list[dict[str, Any]]:
+def sampling_items(cfg: SamplingConfig, stage: Stage, data_cfg: DataConfig) -> list[dict[str, Any]]:
     """The fixed inputs of the samples: `cfg.images` (base only), else the first `num_samples` validation
-    clips of the training data (`training.data.validation_items`)."""
+    clips of the training data (`training.data.validation_items`). Build them once at the start of a run
+    (a bad setting fails there) and hand the same items to every render_samples call."""
     if cfg.images:
         if stage != "base":
             raise ConfigError("sampling.images applies to the base stage; the refine stage samples validation clips")
         return image_items(cfg, data_cfg.height, data_cfg.width)
-    from training.data import validation_items  # the loader module is heavy; only needed here
-
     return validation_items(data_cfg, cfg.num_samples)
 
 

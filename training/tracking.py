@@ -328,6 +328,8 @@ class Tracker:
             return
         values = {str(k): float(v) for k, v in metrics.items()}  # a non-number is a caller bug: fails here
         if step % self.cfg.log_every:
+            if self._pending is not None and self._pending[1] == step:  # several calls for one step
+                values = {**self._pending[0], **values}
             self._pending = (values, step)
             return
         self._pending = None

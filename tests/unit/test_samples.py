@@ -21,6 +21,8 @@ from model.encoders import ClipConfig
 from model.generate import load_stage_config, load_unet
 from model.unet import I2VGenUNet
 from model.vae import VAEConfig
+from tests.train_shards import video_sample, write_tar
+from training.data import DataConfig
 from training.samples import (
     SamplingConfig,
     export_stage,
@@ -172,11 +174,23 @@ def test_sampling_config_and_image_items():
     assert item["image"].shape == (3, 64, 96) and item["caption"] == "a robot"
     assert -1.0 <= item["image"].min() < item["image"].max() <= 1.0
 
-    class Data:  # the two fields sampling_items reads from training.data.DataConfig
-        height, width = 64, 96
-
-    assert sampling_items(cfg, "base", Data())[0]["key"] == "tears_of_steel_frame_0040"
+    data = DataConfig(shards=["/nonexistent"], height=64, width=96)  # images need no shards
+    assert sampling_items(cfg, "base", data)[0]["key"] == "tears_of_steel_frame_0040"
     with pytest.raises(ConfigError, match="base stage"):
-        sampling_items(cfg, "refine", Data())
+        sampling_items(cfg, "refine", data)
     with pytest.raises(FileNotFoundError):
         image_items(SamplingConfig(images=["/no/such.jpg"]), 64, 64)
+
+
+def test_trainer_path_validation_clips_from_shards_rendered_by_the_refine_export(exports, tmp_path):
+    """What the trainer does: sampling_items over curated shards (training.data.validation_items), then
+    render_samples from the export."""
+    write_tar(tmp_path / "out" / "shards" / "video-000000.tar",
+              [video_sample(f"clip{i}", num_frames=12, caption=f"shot {i}", offset=3 * i) for i in (2, 0, 1)])
+    data = DataConfig(shards=[str(tmp_path / "out")], num_frames=FRAMES, height=64, width=96, num_workers=0)
+    items = sampling_items(SamplingConfig(num_samples=2), "refine", data)
+    assert [(it["key"], it["caption"], tuple(it["video"].shape)) for it in items] == [
+        ("clip0", "shot 0", (3, FRAMES, 64, 96)), ("clip1", "shot 1", (3, FRAMES, 64, 96))]
+    paths = render_samples(exports["refine"][0], items, tmp_path / "samples")
+    assert [p.name for p in paths] == ["00-clip0.mp4", "01-clip1.mp4"]
+    assert all(decoded(p) == (FRAMES, 96, 64) for p in paths)

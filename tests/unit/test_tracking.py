@@ -55,6 +55,7 @@ def test_run_holds_params_config_tags_metrics_artifacts(tmp_path):
     run_id = tracker.start(params_tree(), "seed: 0\n", {"world_size": "2", "zero_stage": "3", "device": "cpu"})
     for step in range(1, 6):
         tracker.log_metrics({"train/loss": 1.0 / step, "lr": 1e-4, "data/skipped": 0}, step)
+    tracker.log_metrics({"memory/bytes": 3.0}, 5)  # a second call for held-back step 5 adds to it
     samples = tmp_path / "render"
     samples.mkdir()
     (samples / "00-clip.mp4").write_bytes(b"not really a video")
@@ -74,6 +75,7 @@ def test_run_holds_params_config_tags_metrics_artifacts(tmp_path):
     # log_every=2: steps 2 and 4 logged as they come, the last step (5) by end()
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [2, 4, 5]
     assert client.get_metric_history(run_id, "train/loss")[-1].value == pytest.approx(0.2)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "memory/bytes")] == [(5, 3.0)]
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.name == "i2vgen-xl-base"
     assert experiment.artifact_location == (tmp_path / "mlruns" / "i2vgen-xl-base").as_uri()
