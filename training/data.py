@@ -1,14 +1,11 @@
 """Training data: the `data` config, shard discovery, and the position-exact loader over ranks x workers.
 
-Order (a pure function of seed, epoch and world size): per kind (video, image) and epoch a permutation of
-the dataset indices seeded by (seed, kind, epoch). The epochs' permutations concatenated form one endless
-global stream; rank r reads global positions r, r + W, r + 2W, ... (W = world size). So in every epoch
-each sample goes to exactly one rank, ranks differ by at most one sample, and with no bad samples one
-process with batch 2B sees at step s exactly the union of what two processes with batch B see, across
-epoch boundaries too. A rank's stream is cut into chunks of one micro-batch; worker processes load chunks
-(any idle worker takes the next one: results do not depend on which) and return the usable samples of
-each chunk plus what they skipped; the loader fills every micro-batch from the chunks in order, so a
-skipped sample is replaced by the next one of the rank's stream and batches are always full.
+The order of samples is training.data_order's (seeded by seed, kind and epoch; ranks take interleaved
+positions of one global stream). A rank's stream is cut into chunks of one micro-batch; worker processes
+load chunks (any idle worker takes the next one: results do not depend on which) and return the usable
+samples of each chunk plus what they skipped; the loader fills every micro-batch from the chunks in
+order, so a skipped sample is replaced by the next one of the rank's stream and batches are always full.
+Skips are counted at every visit (a bad sample is counted again in each epoch) and logged.
 
 Position per kind = (chunk index, usable samples already taken from that chunk); `state_dict` holds it with
 the micro-step counter, so a resumed loader (same seed, world size and batch sizes) continues with exactly
@@ -32,10 +29,9 @@ import torch
 
 from common.configtree import ConfigError
 from training.frames import SampleError
+from training.data_order import RankStream, micro_step_kind
 from training.loader_workers import WorkerPool
-from training.shard_dataset import (
-    KIND_IDS, SEED_DOMAIN_MIX, SEED_DOMAIN_ORDER, ChunkResult, SampleSpec, ShardDataset,
-)
+from training.shard_dataset import ChunkResult, SampleSpec, ShardDataset
 
 log = logging.getLogger(__name__)
 
@@ -158,42 +154,6 @@ def check_shards(cfg: DataConfig) -> dict[str, list[str]]:
             why = "image_fraction > 0" if kind == "image" else "image_fraction < 1"
             raise DataError(f"data.shards: no {kind}-*.tar shards in {cfg.shards} but data.{why}")
     return shards
-
-
-def micro_step_kind(seed: int, step: int, image_fraction: float) -> str:
-    """"image" or "video": the kind of micro-step `step`, the same on every rank."""
-    if image_fraction <= 0.0:
-        return "video"
-    if image_fraction >= 1.0:
-        return "image"
-    u = np.random.default_rng([seed, SEED_DOMAIN_MIX, step]).random()
-    return "image" if u < image_fraction else "video"
-
-
-class RankStream:
-    """A rank's endless stream of (epoch, dataset index) of one kind, cut in chunks of `batch_size`."""
-
-    def __init__(self, kind: str, size: int, *, seed: int, rank: int, world_size: int, batch_size: int):
-        self.kind, self.size, self.seed = kind, size, seed
-        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-        self._perms: dict[int, np.ndarray] = {}
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        """The dataset order of `epoch` (the same on every rank)."""
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:
-                self._perms.pop(min(self._perms))
-            rng = np.random.default_rng([self.seed, SEED_DOMAIN_ORDER, KIND_IDS[self.kind], epoch])
-            self._perms[epoch] = rng.permutation(self.size)
-        return self._perms[epoch]
-
-    def chunk(self, c: int) -> list[tuple[int, int]]:
-        """(epoch, index) of the samples of chunk `c` of this rank."""
-        out = []
-        for s in range(c * self.batch_size, (c + 1) * self.batch_size):
-            epoch, offset = divmod(s * self.world_size + self.rank, self.size)
-            out.append((epoch, int(self.permutation(epoch)[offset])))
-        return out
 
 
 @dataclass

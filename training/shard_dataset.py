@@ -14,7 +14,6 @@ frame]; image KEY.jpg (or .jpeg/.png/.webp) + KEY.txt [+ KEY.json].
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
@@ -22,7 +21,6 @@ import torch
 from training.frames import Reader, SampleError, read_clip, read_image, resize_cover_crop
 from training.shardindex import MemberReader, MemberRef, index_tar
 
-Kind = Literal["video", "image"]
 KIND_IDS: dict[str, int] = {"video": 0, "image": 1}
 MEDIA_EXTS: dict[str, tuple[str, ...]] = {"video": ("mp4",), "image": ("jpg", "jpeg", "png", "webp")}
 CAPTION_EXT = "txt"

@@ -24,7 +24,8 @@ from common.configtree import ConfigError, from_dict
 from tests.train_shards import (
     garble_header, image_sample, marker_index, truncate_inside, video_sample, write_tar,
 )
-from training.data import DataConfig, DataError, TrainLoader, check_shards, micro_step_kind, validation_items
+from training.data import DataConfig, DataError, TrainLoader, check_shards, validation_items
+from training.data_order import micro_step_kind
 from training.loader_workers import LoaderWorkerError
 from training.shardindex import index_tar
 
