@@ -28,15 +28,14 @@ import numpy as np
 import torch
 
 from common.configtree import ConfigError
+from training.data_order import KINDS, RankStream, micro_step_kind, sample_index
 from training.frames import SampleError
-from training.data_order import RankStream, micro_step_kind
 from training.loader_workers import WorkerPool
 from training.shard_dataset import ChunkResult, SampleSpec, ShardDataset
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
-KINDS = ("video", "image")
 
 
 @dataclass
@@ -167,7 +166,7 @@ class Batch:
     """(B,) int64, the fps condition."""
     captions: list[str]
     sample_ids: torch.Tensor
-    """(B,) int64, unique per (kind, epoch, dataset index) (see shard_dataset.sample_id); seeds per-sample noise."""
+    """(B,) int64, unique per (kind, epoch, dataset index) (data_order.sample_id); seeds per-sample noise."""
     keys: list[str]
     """WebDataset key of each sample."""
 
@@ -212,9 +211,7 @@ class TrainLoader:
         """JSON-able position of this rank: micro-step counter, (chunk, taken) per kind, skip counts."""
         positions = {}
         for kind, (chunk, taken) in self._pos.items():
-            first = chunk * self._streams[kind].batch_size * self.world_size + self.rank
-            epoch = first // len(self._data[kind])
-            positions[kind] = {"chunk": chunk, "taken": taken, "epoch": epoch}
+            positions[kind] = {"chunk": chunk, "taken": taken, "epoch": self._streams[kind].chunk_epoch(chunk)}
         return {
             "format": STATE_FORMAT, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
             "micro_step": self._step, "positions": positions,
@@ -307,7 +304,7 @@ class TrainLoader:
                 log.warning("rank %d: skipped %s sample %s (%s): %s: %s", self.rank, kind, key, shard, reason, detail)
             else:
                 log.info("rank %d: %s sample %s (%s): %s", self.rank, kind, key, shard, detail)
-        good = {sid & 0xFFFFFFFF for sid in result.sample_ids}
+        good = {sample_index(sid) for sid in result.sample_ids}
         bad = self._bad[kind]
         bad.update(i for _, i in self._streams[kind].chunk(c) if i not in good)
         if len(bad) >= len(self._data[kind]):

@@ -18,17 +18,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from training.data_order import KIND_IDS, sample_id, sample_uniforms
 from training.frames import Reader, SampleError, read_clip, read_image, resize_cover_crop
 from training.shardindex import MemberReader, MemberRef, index_tar
 
-KIND_IDS: dict[str, int] = {"video": 0, "image": 1}
 MEDIA_EXTS: dict[str, tuple[str, ...]] = {"video": ("mp4",), "image": ("jpg", "jpeg", "png", "webp")}
 CAPTION_EXT = "txt"
-
-# Seed domains, so that no two kinds of random draw share a stream.
-SEED_DOMAIN_SAMPLE = 1
-SEED_DOMAIN_ORDER = 2
-SEED_DOMAIN_MIX = 3
 
 # Index-time status of a sample: 0 = usable as far as the tar goes.
 _STATUS = {
@@ -66,16 +61,6 @@ class ChunkResult:
 
     def __len__(self) -> int:
         return len(self.keys)
-
-
-def sample_id(kind: str, epoch: int, index: int) -> int:
-    """int64 id unique per (kind, epoch, dataset index): epoch * 2**33 + kind * 2**32 + index."""
-    return (epoch << 33) | (KIND_IDS[kind] << 32) | index
-
-
-def sample_uniforms(seed: int, kind: str, epoch: int, index: int) -> np.ndarray:
-    """The 4 uniforms in [0, 1) of a sample: fps choice, start frame, crop row, crop column."""
-    return np.random.default_rng([seed, SEED_DOMAIN_SAMPLE, KIND_IDS[kind], epoch, index]).random(4)
 
 
 class ShardDataset:
