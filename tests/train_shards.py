@@ -4,16 +4,19 @@ Clips are the first frames of tests/assets/sample/clip_02_caminandes.mp4 (a real
 a frame-number marker: the top 16 rows of frame i are the flat grey MARKER_BASE + MARKER_STEP * i, which
 survives H.264 and the loader's resize/crop, so a test can read back which source frame the loader
 sampled. They are encoded by the curation job's own encoder (`curation.encode.encode_mp4`: H.264, moov in
-front; or, for clips that must make random access seek, PyAV with a short keyframe interval) and written with webdataset's TarWriter in the curation layout (KEY.mp4/.jpg/.txt/.json for
-videos, KEY.jpg/.txt/.json for images).
+front; or, for clips that must make random access seek, PyAV with a short keyframe interval) and written
+with webdataset's TarWriter in the curation layout (KEY.mp4/.jpg/.txt/.json for videos, KEY.jpg/.txt/.json
+for images).
 
-Damage helpers cut or overwrite bytes of a written shard at a named member, like a failed copy would.
+Damage helpers cut or overwrite bytes of a written shard at a named member, like a failed copy would, or
+damage an mp4's sample table so that decord crashes on it (`far_chunk_offset`).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import struct
 import tarfile
 from fractions import Fraction
 from functools import lru_cache
@@ -134,3 +137,16 @@ def garble_header(path: Path, name: str) -> None:
     with open(path, "r+b") as fh:
         fh.seek(header)
         fh.write(b"\xff" * 100)
+
+
+def far_chunk_offset(mp4: bytes, offset: int = 0x7FFF0000) -> bytes:
+    """The mp4 with its first chunk offset (moov/.../stco) pointing `offset` bytes into the file, far past
+    its data (a damaged sample table). decord 0.6 reading it from memory segfaults in VideoReader (a real
+    crash, not an exception); PyAV reports it as a stream with no decodable frame."""
+    at = mp4.find(b"stco")
+    if at < 0 or mp4.find(b"stco", at + 4) >= 0:
+        raise ValueError("expected exactly one stco box (a single-track mp4 with 32-bit chunk offsets)")
+    entries = struct.unpack(">I", mp4[at + 8 : at + 12])[0]
+    if entries < 1:
+        raise ValueError("the stco box lists no chunk")
+    return mp4[: at + 12] + struct.pack(">I", offset) + mp4[at + 16 :]

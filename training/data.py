@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 import numpy as np
 import torch
@@ -63,7 +63,9 @@ class DataConfig:
     reader: Literal["decord", "pyav"] = "decord"
     """Frame reader: decord from memory with random access, or PyAV (also decord's automatic fallback)."""
     num_workers: int = 2
-    """Loader worker processes per rank (0 = load in the training process)."""
+    """Loader worker processes per rank (0 = load in the training process). Crash isolation needs >= 1: a
+    segfault or abort inside decord/FFmpeg on a sample kills only its worker, and the sample is skipped as
+    `decoder_crash`; with 0 it kills the training process."""
     prefetch: int = 2
     """Micro-batches prefetched per worker and kind."""
     timeout_s: float = 120.0
@@ -171,9 +173,11 @@ class Batch:
     """WebDataset key of each sample."""
 
 
-def _load_task(datasets: dict[str, ShardDataset], spec: SampleSpec, payload: tuple[str, list]) -> ChunkResult:
+def _load_task(datasets: dict[str, ShardDataset], spec: SampleSpec, payload: tuple[str, list],
+               crashed: Mapping[int, str], progress: Callable[[int], None]) -> ChunkResult:
+    """A worker task: load the chunk `payload` = (kind, items) (see WorkerPool for crashed and progress)."""
     kind, items = payload
-    return datasets[kind].load_chunk(items, spec)
+    return datasets[kind].load_chunk(items, spec, crashed, progress)
 
 
 class TrainLoader:

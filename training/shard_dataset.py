@@ -14,6 +14,7 @@ frame]; image KEY.jpg (or .jpeg/.png/.webp) + KEY.txt [+ KEY.json].
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -24,6 +25,8 @@ from training.shardindex import MemberReader, MemberRef, index_tar
 
 MEDIA_EXTS: dict[str, tuple[str, ...]] = {"video": ("mp4",), "image": ("jpg", "jpeg", "png", "webp")}
 CAPTION_EXT = "txt"
+DECODER_CRASH = "decoder_crash"
+"""Skip reason of a sample whose decoding crashed a loader worker process (see training.loader_workers)."""
 
 # Index-time status of a sample: 0 = usable as far as the tar goes.
 _STATUS = {
@@ -144,14 +147,27 @@ class ShardDataset:
         pixels = resize_cover_crop(frames, spec.height, spec.width, float(u[2]), float(u[3]))
         return pixels, fps, caption, note
 
-    def load_chunk(self, items: list[tuple[int, int]], spec: SampleSpec) -> ChunkResult:
-        """Load each (epoch, index) of `items`; usable samples in order, the others as skip events."""
+    def load_chunk(
+        self, items: list[tuple[int, int]], spec: SampleSpec, crashed: Mapping[int, str] | None = None,
+        progress: Callable[[int], None] | None = None, uniforms: np.ndarray | None = None,
+    ) -> ChunkResult:
+        """Load each (epoch, index) of `items`; usable samples in order, the others as skip events.
+
+        `crashed`: positions in `items` whose loading killed a worker process before (what happened); they
+        are skipped as `decoder_crash` without being touched again. `progress(j)` is called before loading
+        items[j] and `progress(-1)` after the last one (the worker pool's record of whom to blame for a
+        crash). `uniforms` overrides every sample's seeded draws (see `load`)."""
         out = ChunkResult()
         tensors = []
-        for epoch, index in items:
+        for j, (epoch, index) in enumerate(items):
             key, shard = self.key(index), self.shard(index)
+            if crashed and j in crashed:
+                out.events.append((key, shard, DECODER_CRASH, crashed[j], True))
+                continue
+            if progress is not None:
+                progress(j)
             try:
-                pixels, fps, caption, note = self.load(index, epoch, spec)
+                pixels, fps, caption, note = self.load(index, epoch, spec, uniforms)
             except SampleError as exc:
                 out.events.append((key, shard, exc.reason, exc.detail, True))
                 continue
@@ -162,6 +178,8 @@ class ShardDataset:
             out.fps.append(fps)
             out.captions.append(caption)
             tensors.append(pixels)
+        if progress is not None:
+            progress(-1)
         if tensors:
             out.pixels = torch.stack(tensors)
         return out

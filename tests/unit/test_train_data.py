@@ -9,11 +9,14 @@ empty shard, a garbage jpg, among good samples). Every loader test has a pytest 
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import math
+import multiprocessing
 import os
 import signal
+import tarfile
 from collections import Counter
 
 import numpy as np
@@ -22,11 +25,12 @@ import torch
 
 from common.configtree import ConfigError, from_dict
 from tests.train_shards import (
-    garble_header, image_sample, marker_index, truncate_inside, video_sample, write_tar,
+    far_chunk_offset, garble_header, image_sample, marker_index, truncate_inside, video_sample, write_tar,
 )
 from training.data import DataConfig, DataError, TrainLoader, check_shards, validation_items
 from training.data_order import micro_step_kind
-from training.loader_workers import LoaderWorkerError
+from training.frames import read_clip
+from training.loader_workers import LoaderWorkerError, WorkerPool
 from training.shardindex import index_tar
 
 pytestmark = pytest.mark.timeout(120)
@@ -337,3 +341,100 @@ def test_dead_worker_is_an_error_naming_the_shard(good):
         with pytest.raises(LoaderWorkerError, match="died.*video-00000"):
             for _ in range(20):
                 next(it)
+
+
+# --------------------------------------------------------------------------- a decoder that crashes
+
+
+CRASH_GOOD = [f"w{i}" for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def crashing(tmp_path_factory):
+    """Six good clips and `wX`, whose damaged sample table makes decord segfault (a real crash)."""
+    root = tmp_path_factory.mktemp("crashing")
+    samples = [video_sample(k, offset=3 * i) for i, k in enumerate(CRASH_GOOD)]
+    crasher = video_sample("wX")
+    crasher["mp4"] = far_chunk_offset(crasher["mp4"])
+    samples.insert(3, crasher)
+    write_tar(root / "video-000000.tar", samples)
+    return root
+
+
+def _read_with_decord(mp4: bytes) -> None:
+    faulthandler.disable()  # the crash is expected: no stack dump
+    read_clip(mp4, num_frames=4, fps_choices=[8], u_fps=0.0, u_start=0.0, reader="decord")
+
+
+def test_decoder_crash_is_a_skipped_sample_and_positions_stay_exact(crashing, caplog):
+    caplog.set_level(logging.WARNING)
+    with tarfile.open(crashing / "video-000000.tar") as tar:
+        crasher = tar.extractfile("wX.mp4").read()
+    # the premise: decord really dies on it (SIGSEGV in native code), in a child so that pytest survives
+    child = multiprocessing.get_context("fork").Process(target=_read_with_decord, args=(crasher,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGSEGV, f"decord no longer crashes on this input (exit {child.exitcode})"
+
+    cfg = cfg_for(crashing, num_workers=2, height=32, width=32)
+    steps = 10  # 20 samples: more than 3 epochs of the 6 usable clips
+    with TrainLoader(cfg, seed=1) as loader:
+        it = iter(loader)
+        started = set(loader.worker_pids())
+        states, batches = [], []
+        for _ in range(steps):
+            states.append(json.loads(json.dumps(loader.state_dict())))
+            batches.append(next(it))
+        skipped, now = loader.skipped(), set(loader.worker_pids())
+    assert all(len(b.keys) == 2 for b in batches)  # the crashed sample was replaced: batches stay full
+    assert {k for b in batches for k in b.keys} == set(CRASH_GOOD)
+    assert set(skipped) == {"decoder_crash"} and skipped["decoder_crash"] >= 3  # once per epoch visited
+    assert now != started and len(now) == 2  # crashed workers were replaced
+    skip_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rank 0: skipped")]
+    assert len(skip_lines) == skipped["decoder_crash"]
+    assert all("sample wX (" in line and "video-000000.tar): decoder_crash" in line and "SIGSEGV" in line
+               for line in skip_lines)
+
+    # the same batches as a run where that sample is a clean skip (PyAV: no frame decodes)
+    with TrainLoader(cfg_for(crashing, num_workers=2, height=32, width=32, reader="pyav"), seed=1) as clean:
+        for a, b in zip(batches, take(clean, steps)):
+            assert a.keys == b.keys and torch.equal(a.sample_ids, b.sample_ids)
+        assert clean.skipped() == {"undecodable_video": skipped["decoder_crash"]}
+
+    # resuming before and after crashes gives exactly the remaining data, and the same counts at the end
+    for k in (1, 5):
+        with TrainLoader(cfg, seed=1) as resumed:
+            resumed.load_state_dict(states[k])
+            for a, b in zip(batches[k:], take(resumed, steps - k)):
+                assert a.keys == b.keys and torch.equal(a.sample_ids, b.sample_ids)
+                assert torch.equal(a.pixels, b.pixels) and torch.equal(a.fps, b.fps)
+            assert resumed.skipped() == skipped
+
+
+def _echo_items(payload, crashed, progress):
+    """Test work function: returns the items of `payload` not in `crashed`, dying of SIGSEGV on "crash"."""
+    out = []
+    for j, item in enumerate(payload):
+        if j in crashed:
+            continue
+        progress(j)
+        if item == "crash":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        out.append(item)
+    progress(-1)
+    return out
+
+
+def test_worker_pool_blames_only_a_crash_on_an_item():
+    pool = WorkerPool(1, _echo_items, timeout_s=60, describe=lambda t: f"task {t}")
+    try:
+        pool.submit("a", ["x", "crash", "y", "crash"])
+        pid = pool.pids[0]
+        assert pool.next_result() == ("a", ["x", "y"])  # rerun twice, each time without one more item
+        assert pool.pids[0] != pid
+        os.kill(pool.pids[0], signal.SIGSEGV)  # a crash while the worker waits for work: nobody to blame
+        pool.submit("b", ["z"])
+        with pytest.raises(LoaderWorkerError, match=r"died \(pid \d+, SIGSEGV, outside any item.*task b"):
+            pool.next_result()
+    finally:
+        pool.close()
