@@ -15,13 +15,10 @@ same on every rank. Every random choice of a sample is seeded by (seed, kind, ep
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping
 
 import numpy as np
@@ -29,9 +26,10 @@ import torch
 
 from common.configtree import ConfigError
 from training.data_order import KINDS, RankStream, micro_step_kind, sample_index
-from training.frames import SampleError
 from training.loader_workers import WorkerPool
-from training.shard_dataset import ChunkResult, SampleSpec, ShardDataset
+from training.shard_dataset import (
+    ChunkResult, DataError, SampleSpec, ShardDataset, describe_items, find_shards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,56 +98,10 @@ class DataConfig:
         return self.image_fraction > 0 if kind == "image" else self.image_fraction < 1
 
 
-class DataError(RuntimeError):
-    """The data cannot be trained on as configured (no shards, no usable sample, wrong resume state)."""
-
-
-def _shards_of_entry(entry: str) -> list[Path]:
-    path = Path(entry).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        for folder in (path / "shards", path):
-            found = sorted(folder.glob("video-*.tar")) + sorted(folder.glob("image-*.tar"))
-            if found:
-                return found
-        return []
-    found = []
-    for match in sorted(glob.glob(str(path))):
-        found += _shards_of_entry(match) if Path(match).is_dir() else [Path(match)] if match.endswith(".tar") else []
-    return found
-
-
-def find_shards(cfg: DataConfig) -> dict[str, list[str]]:
-    """{"video": [...], "image": [...]} shard paths of cfg.shards (in order, each once).
-
-    Raises DataError naming every entry that holds no shard, or a .tar whose kind its name does not tell."""
-    out: dict[str, list[str]] = {k: [] for k in KINDS}
-    seen, empty = set(), []
-    for entry in cfg.shards:
-        files = _shards_of_entry(entry)
-        if not files:
-            empty.append(entry)
-        for f in files:
-            kind = next((k for k in KINDS if f.name.startswith(f"{k}-")), None)
-            if kind is None:
-                raise DataError(f"data.shards: cannot tell the kind of {f} (shard names are video-*.tar or image-*.tar)")
-            real = os.path.realpath(f)
-            if real not in seen:
-                seen.add(real)
-                out[kind].append(str(f))
-    if empty:
-        raise DataError(
-            f"data.shards: no shards at {empty} (working directory {os.getcwd()}); expected curation output "
-            "folders (OUT/shards/video-*.tar, image-*.tar), folders of such shards, .tar files or globs. "
-            "Run `python -m pipeline.curate --input ... --output OUT` first, or fix the paths"
-        )
-    return out
-
-
 def check_shards(cfg: DataConfig) -> dict[str, list[str]]:
-    """find_shards, plus: every kind the image:video mix needs has shards. Call before building models."""
-    shards = find_shards(cfg)
+    """{"video": [...], "image": [...]} shard paths of cfg.shards (find_shards), checking that every kind the
+    image:video mix needs has shards. Call before building models; raises DataError naming the paths."""
+    shards = find_shards(cfg.shards)
     for kind in KINDS:
         if cfg.needs(kind) and not shards[kind]:
             why = "image_fraction > 0" if kind == "image" else "image_fraction < 1"
@@ -185,7 +137,8 @@ class TrainLoader:
 
     def __init__(self, cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1):
         if seed < 0 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"TrainLoader needs seed >= 0 and 0 <= rank < world_size, got {seed}, {rank}, {world_size}")
+            raise ValueError(
+                f"TrainLoader needs seed >= 0 and 0 <= rank < world_size, got {seed}, {rank}, {world_size}")
         self.cfg, self.seed, self.rank, self.world_size = cfg, seed, rank, world_size
         shards = check_shards(cfg)
         self._spec = SampleSpec(cfg.num_frames, tuple(cfg.fps_choices), cfg.height, cfg.width, cfg.reader, seed)
@@ -274,9 +227,7 @@ class TrainLoader:
     def _describe(self, task: tuple[str, int]) -> str:
         kind, chunk = task
         items = self._streams[kind].chunk(chunk)
-        ds = self._data[kind]
-        shards = sorted({ds.shard(i) for _, i in items})
-        return f"rank {self.rank} {kind} chunk {chunk} (keys {[ds.key(i) for _, i in items][:4]} in {shards})"
+        return f"rank {self.rank} {kind} chunk {chunk} {describe_items(self._data[kind], items)}"
 
     def _fill(self, kind: str, first: int) -> None:
         """Keep chunks first .. first + window - 1 of `kind` requested from the workers."""
@@ -378,23 +329,45 @@ def validation_items(cfg: DataConfig, n: int) -> list[dict[str, Any]]:
     {"key", "caption", "fps", "video" (3, F, H, W), "image" (3, H, W) = video[:, 0]} in [-1, 1].
 
     Fixed choices instead of the training draws: the lowest fitting fps of fps_choices, the clip's first
-    frame as start, centre crop. Fewer than n items when fewer usable clips exist; none is a DataError."""
-    shards = find_shards(cfg)["video"]
+    frame as start, centre crop. Loaded like training chunks (in a worker process when cfg.num_workers >= 1,
+    so a decoder crash skips the clip). Fewer than n items when fewer usable clips exist; none is a
+    DataError."""
+    shards = find_shards(cfg.shards)["video"]
     ds = ShardDataset("video", shards)
     spec = SampleSpec(cfg.num_frames, tuple(cfg.fps_choices), cfg.height, cfg.width, cfg.reader, 0)
+    order = [(0, i) for i in sorted(range(len(ds)), key=ds.key)]
+    chunks = [order[c : c + max(n, 1)] for c in range(0, len(order), max(n, 1))]
+    pool = None
+    if cfg.num_workers > 0 and n > 0 and chunks:
+        pool = WorkerPool(1, partial(_load_validation, ds, spec), timeout_s=cfg.timeout_s,
+                          describe=lambda c: f"validation clips {describe_items(ds, chunks[c])}")
     items: list[dict[str, Any]] = []
     try:
-        for index in sorted(range(len(ds)), key=ds.key):
+        for c, chunk in enumerate(chunks):
             if len(items) >= n:
                 break
-            try:
-                video, fps, caption, _ = ds.load(index, 0, spec, uniforms=VALIDATION_UNIFORMS)
-            except SampleError as exc:
-                log.warning("validation item %s skipped: %s: %s", ds.key(index), exc.reason, exc.detail)
-                continue
-            items.append({"key": ds.key(index), "caption": caption, "fps": fps, "video": video, "image": video[:, 0]})
+            if pool is None:
+                result = _load_validation(ds, spec, chunk, {}, None)
+            else:
+                pool.submit(c, chunk)
+                result = pool.next_result()[1]
+            for key, shard, reason, detail, skipped in result.events:
+                if skipped:
+                    log.warning("validation item %s (%s) skipped: %s: %s", key, shard, reason, detail)
+            for j, key in enumerate(result.keys[: n - len(items)]):
+                video = result.pixels[j]
+                items.append({"key": key, "caption": result.captions[j], "fps": result.fps[j], "video": video,
+                              "image": video[:, 0]})
     finally:
+        if pool is not None:
+            pool.close()
         ds.close()
     if not items and n > 0:
         raise DataError(f"no usable video sample for validation in {shards or cfg.shards}")
     return items
+
+
+def _load_validation(ds: ShardDataset, spec: SampleSpec, items: list[tuple[int, int]],
+                     crashed: Mapping[int, str], progress: Callable[[int], None] | None) -> ChunkResult:
+    """A worker task: validation clips `items` with the fixed draws."""
+    return ds.load_chunk(items, spec, crashed, progress, uniforms=VALIDATION_UNIFORMS)

@@ -1,4 +1,5 @@
-"""One kind of training sample (video or image) over its shards: the index, and loading sample i.
+"""Shards and the samples in them: finding the shard files, and one kind of training sample (video or
+image) over its shards: the index, and loading sample i.
 
 Dataset index i is the i-th sample of the kind's shards taken in the given shard order, each shard in tar
 order. Loading a sample is a pure function of (seed, kind, epoch, i): its random choices (fps, start
@@ -13,13 +14,16 @@ frame]; image KEY.jpg (or .jpeg/.png/.webp) + KEY.txt [+ KEY.json].
 
 from __future__ import annotations
 
+import glob
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
-from training.data_order import KIND_IDS, sample_id, sample_uniforms
+from training.data_order import KIND_IDS, KINDS, sample_id, sample_uniforms
 from training.frames import Reader, SampleError, read_clip, read_image, resize_cover_crop
 from training.shardindex import MemberReader, MemberRef, index_tar
 
@@ -35,6 +39,54 @@ _STATUS = {
     3: ("corrupt_member", "the {media} member is cut short (truncated shard)"),
     4: ("corrupt_member", "the .txt member is cut short (truncated shard)"),
 }
+
+
+class DataError(RuntimeError):
+    """The data cannot be trained on as configured (no shards, no usable sample, wrong resume state)."""
+
+
+def _shards_of_entry(entry: str) -> list[Path]:
+    path = Path(entry).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        for folder in (path / "shards", path):
+            found = sorted(folder.glob("video-*.tar")) + sorted(folder.glob("image-*.tar"))
+            if found:
+                return found
+        return []
+    found = []
+    for match in sorted(glob.glob(str(path))):
+        found += _shards_of_entry(match) if Path(match).is_dir() else [Path(match)] if match.endswith(".tar") else []
+    return found
+
+
+def find_shards(entries: list[str]) -> dict[str, list[str]]:
+    """{"video": [...], "image": [...]} shard paths of `entries` (the data.shards list; in order, each once).
+
+    Raises DataError naming every entry that holds no shard, or a .tar whose kind its name does not tell."""
+    out: dict[str, list[str]] = {k: [] for k in KINDS}
+    seen, empty = set(), []
+    for entry in entries:
+        files = _shards_of_entry(entry)
+        if not files:
+            empty.append(entry)
+        for f in files:
+            kind = next((k for k in KINDS if f.name.startswith(f"{k}-")), None)
+            if kind is None:
+                raise DataError(
+                    f"data.shards: cannot tell the kind of {f} (shard names are video-*.tar or image-*.tar)")
+            real = os.path.realpath(f)
+            if real not in seen:
+                seen.add(real)
+                out[kind].append(str(f))
+    if empty:
+        raise DataError(
+            f"data.shards: no shards at {empty} (working directory {os.getcwd()}); expected curation output "
+            "folders (OUT/shards/video-*.tar, image-*.tar), folders of such shards, .tar files or globs. "
+            "Run `python -m pipeline.curate --input ... --output OUT` first, or fix the paths"
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -187,3 +239,9 @@ class ShardDataset:
     def close(self) -> None:
         """Close the shard files this process opened."""
         self._reader.close()
+
+
+def describe_items(ds: ShardDataset, items: list[tuple[int, int]]) -> str:
+    """"(keys [...] in [shards])" of (epoch, index) items, for errors and logs (at most 4 keys)."""
+    shards = sorted({ds.shard(i) for _, i in items})
+    return f"(keys {[ds.key(i) for _, i in items][:4]} in {shards})"

@@ -351,10 +351,10 @@ CRASH_GOOD = [f"w{i}" for i in range(6)]
 
 @pytest.fixture(scope="module")
 def crashing(tmp_path_factory):
-    """Six good clips and `wX`, whose damaged sample table makes decord segfault (a real crash)."""
+    """Six good clips and `w2x` (sorted third), whose damaged sample table makes decord segfault (a real crash)."""
     root = tmp_path_factory.mktemp("crashing")
     samples = [video_sample(k, offset=3 * i) for i, k in enumerate(CRASH_GOOD)]
-    crasher = video_sample("wX")
+    crasher = video_sample("w2x")
     crasher["mp4"] = far_chunk_offset(crasher["mp4"])
     samples.insert(3, crasher)
     write_tar(root / "video-000000.tar", samples)
@@ -369,7 +369,7 @@ def _read_with_decord(mp4: bytes) -> None:
 def test_decoder_crash_is_a_skipped_sample_and_positions_stay_exact(crashing, caplog):
     caplog.set_level(logging.WARNING)
     with tarfile.open(crashing / "video-000000.tar") as tar:
-        crasher = tar.extractfile("wX.mp4").read()
+        crasher = tar.extractfile("w2x.mp4").read()
     # the premise: decord really dies on it (SIGSEGV in native code), in a child so that pytest survives
     child = multiprocessing.get_context("fork").Process(target=_read_with_decord, args=(crasher,))
     child.start()
@@ -392,7 +392,7 @@ def test_decoder_crash_is_a_skipped_sample_and_positions_stay_exact(crashing, ca
     assert now != started and len(now) == 2  # crashed workers were replaced
     skip_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rank 0: skipped")]
     assert len(skip_lines) == skipped["decoder_crash"]
-    assert all("sample wX (" in line and "video-000000.tar): decoder_crash" in line and "SIGSEGV" in line
+    assert all("sample w2x (" in line and "video-000000.tar): decoder_crash" in line and "SIGSEGV" in line
                for line in skip_lines)
 
     # the same batches as a run where that sample is a clean skip (PyAV: no frame decodes)
@@ -409,6 +409,11 @@ def test_decoder_crash_is_a_skipped_sample_and_positions_stay_exact(crashing, ca
                 assert a.keys == b.keys and torch.equal(a.sample_ids, b.sample_ids)
                 assert torch.equal(a.pixels, b.pixels) and torch.equal(a.fps, b.fps)
             assert resumed.skipped() == skipped
+
+    # validation clips load the same way (in a worker): the crasher is skipped, the next clip takes its place
+    caplog.clear()
+    assert [i["key"] for i in validation_items(cfg, 4)] == ["w0", "w1", "w2", "w3"]
+    assert any("w2x" in r.getMessage() and "decoder_crash" in r.getMessage() for r in caplog.records)
 
 
 def _echo_items(payload, crashed, progress):
