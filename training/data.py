@@ -1,11 +1,14 @@
-"""Training data: the `data` config, shard discovery, and the position-exact loader over ranks x workers.
+"""Training data: the `data` config, the shard check, and the position-exact loader over ranks x workers.
 
 The order of samples is training.data_order's (seeded by seed, kind and epoch; ranks take interleaved
 positions of one global stream). A rank's stream is cut into chunks of one micro-batch; worker processes
 load chunks (any idle worker takes the next one: results do not depend on which) and return the usable
 samples of each chunk plus what they skipped; the loader fills every micro-batch from the chunks in
 order, so a skipped sample is replaced by the next one of the rank's stream and batches are always full.
-Skips are counted at every visit (a bad sample is counted again in each epoch) and logged.
+Skips are counted at every visit (a bad sample is counted again in each epoch) and logged. A segfault or
+abort inside decord/FFmpeg on a sample kills only the worker process reading it: the pool restarts it and
+that sample is skipped as `decoder_crash` (training.loader_workers). With num_workers = 0 chunks load in
+the training process, where such a crash ends the run.
 
 Position per kind = (chunk index, usable samples already taken from that chunk); `state_dict` holds it with
 the micro-step counter, so a resumed loader (same seed, world size and batch sizes) continues with exactly
@@ -119,6 +122,7 @@ class Batch:
     fps: torch.Tensor
     """(B,) int64, the fps condition."""
     captions: list[str]
+    """Caption of each sample."""
     sample_ids: torch.Tensor
     """(B,) int64, unique per (kind, epoch, dataset index) (data_order.sample_id); seeds per-sample noise."""
     keys: list[str]
@@ -126,8 +130,9 @@ class Batch:
 
 
 def _load_task(datasets: dict[str, ShardDataset], spec: SampleSpec, payload: tuple[str, list],
-               crashed: Mapping[int, str], progress: Callable[[int], None]) -> ChunkResult:
-    """A worker task: load the chunk `payload` = (kind, items) (see WorkerPool for crashed and progress)."""
+               crashed: Mapping[int, str], progress: Callable[[int], None] | None) -> ChunkResult:
+    """Load the chunk `payload` = (kind, items): a worker task (see WorkerPool for crashed and progress), and
+    what the loader runs itself with num_workers = 0."""
     kind, items = payload
     return datasets[kind].load_chunk(items, spec, crashed, progress)
 
@@ -243,7 +248,7 @@ class TrainLoader:
         results = self._results[kind]
         if self._pool is None:
             if c not in results:
-                results[c] = self._data[kind].load_chunk(self._streams[kind].chunk(c), self._spec)
+                results[c] = _load_task(self._data, self._spec, (kind, self._streams[kind].chunk(c)), {}, None)
             return results[c]
         self._fill(kind, c)
         while c not in results:

@@ -9,6 +9,8 @@ Reading (`read_clip`): decord from memory by default, with random access (only t
 frames are decoded). decord is never asked to resize (it crashes on odd sizes): every reader hands back
 native-size RGB and `resize_cover_crop` does the same thing for both readers and for images. When decord
 fails on a clip (it cannot open a truncated mp4, a packet does not decode), PyAV decodes it sequentially.
+When decord crashes instead (a segfault on a damaged sample table), nothing here can catch it: the loader
+runs this in worker processes and skips the sample (training.loader_workers).
 Header frame counts lie (a cut mp4 still announces all its frames): PyAV counts the frames that really
 decode, and when a planned frame lies beyond that real end the plan is redone with the real count (the
 same random draws, so it stays deterministic), which may make the sample `too_short`; frames are never
@@ -88,7 +90,8 @@ def _too_short(clip_frames: int, source_fps: float, fps_choices: list[int], num_
     )
 
 
-def _read_decord(data: bytes, fps_choices, num_frames, u_fps, u_start) -> tuple[np.ndarray, ClipPlan]:
+def _read_decord(data: bytes, fps_choices: list[int], num_frames: int, u_fps: float,
+                 u_start: float) -> tuple[np.ndarray, ClipPlan]:
     reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
     clip_frames, source_fps = len(reader), float(reader.get_avg_fps())
     if clip_frames <= 0 or not source_fps > 0:
@@ -137,7 +140,8 @@ def _decode_pyav(data: bytes, wanted: set[int], stop: int | None) -> tuple[dict[
     return kept, count
 
 
-def _read_pyav(data: bytes, fps_choices, num_frames, u_fps, u_start) -> tuple[np.ndarray, ClipPlan]:
+def _read_pyav(data: bytes, fps_choices: list[int], num_frames: int, u_fps: float,
+               u_start: float) -> tuple[np.ndarray, ClipPlan]:
     container, stream, source_fps = _open_pyav(data)
     header_frames = stream.frames
     container.close()

@@ -1,15 +1,17 @@
 """Training data loader (training/data.py) on shards built in code from a real clip (tests/train_shards.py).
 
-Two shard sets: `good` (11 marked clips at 24/12/30 fps in two shards, five of them with a keyframe every
-7 frames, + 4 images) and `bad` (the same
-kinds of damage a real dataset has: garbage mp4 bytes, an mp4 of an unknown codec, a member missing, a
-clip shorter than F, a caption that is not UTF-8, a garbled tar header, a tar truncated inside a member, an
-empty shard, a garbage jpg, among good samples). Every loader test has a pytest timeout: a hang fails instead of blocking CI.
+Shard sets: `good` (11 marked clips at 24/12/30 fps in two shards, five of them with a keyframe every 7
+frames, + 4 images), `bad` (the kinds of damage a real dataset has: garbage mp4 bytes, an mp4 of an
+unknown codec, a member missing, a clip shorter than F, a caption that is not UTF-8, a garbled tar header,
+a tar truncated inside a member, an empty shard, a garbage jpg, among good samples) and `crashing` (good
+clips and one on which decord segfaults). Every loader test has a pytest timeout: a hang fails instead of
+blocking CI.
 """
 
 from __future__ import annotations
 
 import faulthandler
+import io
 import json
 import logging
 import math
@@ -19,13 +21,15 @@ import signal
 import tarfile
 from collections import Counter
 
+import av
 import numpy as np
 import pytest
 import torch
 
 from common.configtree import ConfigError, from_dict
 from tests.train_shards import (
-    far_chunk_offset, garble_header, image_sample, marker_index, truncate_inside, video_sample, write_tar,
+    far_chunk_offset, garble_header, image_sample, marked_frames, marker_index, truncate_inside, video_sample,
+    write_tar,
 )
 from training.data import DataConfig, DataError, TrainLoader, check_shards, validation_items
 from training.data_order import micro_step_kind
@@ -157,7 +161,8 @@ def test_bad_samples_are_skipped_counted_and_logged(bad, caplog):
 
 
 def test_only_bad_samples_is_an_error_not_a_hang(tmp_path):
-    write_tar(tmp_path / "video-000000.tar", [video_sample("short", num_frames=3), {**video_sample("junk"), "mp4": b"junk"}])
+    write_tar(tmp_path / "video-000000.tar",
+              [video_sample("short", num_frames=3), {**video_sample("junk"), "mp4": b"junk"}])
     with TrainLoader(cfg_for(tmp_path, num_workers=2), seed=0) as loader, \
             pytest.raises(DataError, match="no usable video sample"):
         take(loader, 5)
@@ -168,7 +173,6 @@ def test_lying_header_clip_falls_back_to_pyav_within_real_length(tmp_path, caplo
     sample = video_sample("cut", num_frames=40)
     sample["mp4"] = sample["mp4"][: int(len(sample["mp4"]) * 0.7)]  # moov still claims 40 frames
     write_tar(tmp_path / "video-000000.tar", [sample])
-    import av, io
     decodable = 0
     with av.open(io.BytesIO(sample["mp4"])) as container:
         assert container.streams.video[0].frames == 40
@@ -197,7 +201,6 @@ def test_lying_header_clip_falls_back_to_pyav_within_real_length(tmp_path, caplo
 
 @pytest.mark.parametrize("reader", ["decord", "pyav"])
 def test_frame_sampling_follows_fps_frames_and_crop(good, reader):
-    from tests.train_shards import marked_frames
     cfg = cfg_for(good, fps_choices=[4, 8, 24], batch_size=4, reader=reader)
     fps_seen = Counter()
     lefts, seeking_starts = set(), set()
@@ -351,7 +354,7 @@ CRASH_GOOD = [f"w{i}" for i in range(6)]
 
 @pytest.fixture(scope="module")
 def crashing(tmp_path_factory):
-    """Six good clips and `w2x` (sorted third), whose damaged sample table makes decord segfault (a real crash)."""
+    """Six good clips and `w2x` (third in key order), whose damaged sample table makes decord segfault."""
     root = tmp_path_factory.mktemp("crashing")
     samples = [video_sample(k, offset=3 * i) for i, k in enumerate(CRASH_GOOD)]
     crasher = video_sample("w2x")
