@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 from train_support import (
-    COMMON, TINY_BASE, ZERO3, base_args, curated_shards, finish, kill_job, launch, metrics, run, steps, two_process_zero2,
+    COMMON, TINY_BASE, ZERO3, base_args, curated_shards, finish, kill_job, launch, metrics, run, steps,
+    two_process_zero2,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -68,7 +69,8 @@ def test_kill_inside_a_checkpoint_save_resumes_from_the_previous_complete_one(tm
     store = tmp_path / "mlflow"
     store.mkdir()
     args = ["--config", TINY_BASE, f"data.shards=[{shards}]", "data.batch_size=2", *ZERO3,
-            *[a for a in COMMON if not a.startswith("tracking.")], "tracking.enabled=true", f"tracking.tracking_uri=sqlite:///{store / 'mlflow.db'}",
+            *[a for a in COMMON if not a.startswith("tracking.")], "tracking.enabled=true",
+            f"tracking.tracking_uri=sqlite:///{store / 'mlflow.db'}",
             "tracking.system_metrics=false", f"output_dir={out}"]
     assert not any(a.startswith("model.overrides") for a in args)  # dropout 0.1, the recipe's default
     launcher = [str(HERE / "kill_during_save_launcher.py"), "step-00000004"]

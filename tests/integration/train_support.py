@@ -61,7 +61,8 @@ def command(args: list[str], nproc: int = 1, module: list[str] | None = None) ->
     return [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "--no-python", PYTHON, *entry, *args]
 
 
-def launch(args: list[str], nproc: int = 1, module: list[str] | None = None, log: Path | None = None) -> subprocess.Popen:
+def launch(args: list[str], nproc: int = 1, module: list[str] | None = None,
+           log: Path | None = None) -> subprocess.Popen:
     """Start a training job in a new process group (stdout+stderr to `log`)."""
     out = open(log, "ab") if log else subprocess.DEVNULL
     return subprocess.Popen(command(args, nproc, module), cwd=REPO, env=train_env(), stdout=out,
@@ -106,7 +107,8 @@ def finish(proc: subprocess.Popen, timeout: float = 400) -> int:
         kill_job(proc, list(seen))  # whatever is left: a timed-out job, stray workers of a crashed rank
 
 
-def run(args: list[str], out: Path, nproc: int = 1, timeout: float = 400, module: list[str] | None = None) -> list[dict]:
+def run(args: list[str], out: Path, nproc: int = 1, timeout: float = 400,
+        module: list[str] | None = None) -> list[dict]:
     """Run a job to the end (must exit 0); returns OUTPUT/metrics.jsonl records."""
     out.mkdir(parents=True, exist_ok=True)
     log = out.parent / f"{out.name}.log"

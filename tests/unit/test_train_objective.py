@@ -108,8 +108,10 @@ def test_dropout_events_are_exclusive_with_the_configured_probabilities():
 def test_dropped_conditions_are_the_inference_null_branch(base_encoders):
     ucfg, enc = base_encoders
     batch = _batch(list(range(40)))
-    keep, _ = Objective(ObjectiveConfig(p_text=0, p_image=0, p_both=0), GaussianDiffusion(), ucfg, 3).inputs(batch, enc)
-    drop, _ = Objective(ObjectiveConfig(p_text=0.3, p_image=0.3, p_both=0.3), GaussianDiffusion(), ucfg, 3).inputs(batch, enc)
+    keep, _ = Objective(ObjectiveConfig(p_text=0, p_image=0, p_both=0), GaussianDiffusion(), ucfg, 3).inputs(
+        batch, enc)
+    drop, _ = Objective(ObjectiveConfig(p_text=0.3, p_image=0.3, p_both=0.3), GaussianDiffusion(), ucfg, 3).inputs(
+        batch, enc)
     null = enc.null_text()[0]
     text_dropped = torch.tensor([torch.equal(drop["encoder_hidden_states"][i], null) for i in range(40)])
     image_dropped = (drop["image_embeddings"] == 0).all(dim=1)
