@@ -259,13 +259,6 @@ def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sum over ranks of a short list of floats."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def all_gather_object(obj: Any) -> list[Any]:
     """[obj of rank 0, obj of rank 1, ...] on every rank (small picklable objects only)."""
     out: list[Any] = [None] * dist.get_world_size()

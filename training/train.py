@@ -11,12 +11,12 @@ init_from), frozen VAE + CLIP, AdamW + warmup/cosine into `deepspeed.initialize`
 a checkpoint to resume (default: the newest complete one under OUTPUT) everything is restored from it.
 
 Per optimizer step rank 0 appends a JSON line to OUTPUT/metrics.jsonl (step, loss = mean over the global
-batch, lr, grad_norm, samples_per_s, step_time_s, skipped, keys of every rank's samples) and logs the same
-to MLflow. Each start of the job also writes an `"event": "start"` line and, after its first optimizer
-step, an `"event": "memory"` line with every rank's parameter + optimizer bytes. Checkpoints every
-`checkpoint.every_steps` and at the end (training.checkpoint); the EMA export + validation mp4s every
-`sampling.every_steps` and at the end (training.samples). Only rank 0 logs, exports and shows the
-progress bar.
+batch, lr, grad_norm, samples_per_s, step_time_s, skipped (+ by reason), every rank's sample keys and ids)
+and logs the numbers to MLflow. Each start of the job also writes an `"event": "start"` line and, after its
+first optimizer step, an `"event": "memory"` line with every rank's parameter + optimizer bytes. Checkpoints
+every `checkpoint.every_steps` and at the end (training.checkpoint); the EMA export + validation mp4s every
+`sampling.every_steps` and at the end (training.samples). Only rank 0 logs, exports and shows the progress
+bar.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="auto: newest complete checkpoint under output_dir (default); none: start fresh; "
                         "or a checkpoint folder OUTPUT/checkpoints/step-XXXXXXXX")
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher
     return p.parse_args(argv)
 
 
@@ -179,16 +180,20 @@ class Run:
         self.step += 1
         if self.ema is not None:
             self.ema.update(ds.local_param_shards(self.engine)[1], self.step)
-        skipped = self.loader.skipped()
         loss_mean, = ds.all_reduce_mean([sum(losses) / len(losses)], self.dist.device)
-        total_samples, total_skipped = ds.all_reduce_sum([samples, sum(skipped.values())], self.dist.device)
+        ranks = ds.all_gather_object((samples, self.loader.skipped(), keys, ids))
+        skipped: dict[str, int] = {}
+        for _, rank_skipped, _, _ in ranks:
+            for reason, n in rank_skipped.items():
+                skipped[reason] = skipped.get(reason, 0) + int(n)
         grad_norm = self.engine.get_global_grad_norm()
         dt = time.perf_counter() - t0
         record = {"step": self.step, "loss": loss_mean, "lr": lr,
                   "grad_norm": None if grad_norm is None else float(grad_norm),
-                  "samples_per_s": total_samples / dt, "step_time_s": dt, "skipped": int(total_skipped)}
+                  "samples_per_s": sum(r[0] for r in ranks) / dt, "step_time_s": dt,
+                  "skipped": sum(skipped.values()), "skipped_by_reason": skipped}
         if self.cfg.log_sample_keys:
-            record["keys"], record["sample_ids"] = map(list, zip(*ds.all_gather_object((keys, ids))))
+            record["keys"], record["sample_ids"] = [r[2] for r in ranks], [r[3] for r in ranks]
         return record
 
     def fit(self) -> None:
@@ -196,7 +201,7 @@ class Run:
         batches = iter(self.loader)
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {cfg.stage}", unit="step",
                    disable=not self.dist.is_main, dynamic_ncols=True)
-        saved = exported = self.step if self.resume_from else -1
+        saved, exported = (self.step if self.resume_from else -1), -1  # the final export is always (re)done
         logged_memory = False
         if self.resume_rng is not None:
             ckpt.set_rng_state(self.resume_rng)
@@ -207,7 +212,7 @@ class Run:
                 self.log_memory()
                 logged_memory = True
             self.tracker.log_metrics({f"train/{k}": float(v) for k, v in record.items()
-                                      if k not in ("step", "keys", "sample_ids") and v is not None}, self.step)
+                                      if isinstance(v, (int, float)) and k != "step"}, self.step)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             # the RNG state a checkpoint holds is the one training continues with, here and after a resume,
