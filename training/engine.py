@@ -175,9 +175,11 @@ def local_param_shards(engine) -> tuple[list[ShardInfo], list[torch.Tensor]]:
     return infos, tensors
 
 
-def gather_full(infos: list[ShardInfo], tensors: list[torch.Tensor], *, is_main: bool) -> dict[str, torch.Tensor]:
+def gather_full(infos: list[ShardInfo], tensors: list[torch.Tensor], *, is_main: bool,
+                device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Full CPU float tensors {name: weight} from per-rank shards (collective: every rank must call);
-    only the main rank gets a filled dict. Full tensors pass through."""
+    only the main rank gets a filled dict. Full tensors pass through. `device` is where the collective
+    runs (the rank's GPU under NCCL, even when the shards were offloaded to CPU)."""
     out: dict[str, torch.Tensor] = {}
     world = dist.get_world_size()
     for info, t in zip(infos, tensors):
@@ -185,7 +187,7 @@ def gather_full(infos: list[ShardInfo], tensors: list[torch.Tensor], *, is_main:
             if is_main:
                 out[info.name] = t.detach().float().cpu().reshape(info.shape).clone()
             continue
-        part = torch.zeros(info.partition_size, dtype=t.dtype, device=t.device)
+        part = torch.zeros(info.partition_size, dtype=t.dtype, device=device)
         part[: t.numel()] = t.reshape(-1)
         parts = [torch.empty_like(part) for _ in range(world)]
         dist.all_gather(parts, part)

@@ -47,7 +47,6 @@ from training.samples import export_stage, render_samples, sampling_items, stage
 from training.schedule import build_scheduler
 from training.tracking import Tracker
 
-log = logging.getLogger("training.train")
 METRICS = "metrics.jsonl"
 
 
@@ -62,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def stage_of(cfg: TrainConfig, ucfg):
+def stage_of(cfg: TrainConfig):
     """The export's stage.yaml: schedule, encoders, size, frames and fps the UNet trained with."""
     return stage_config(cfg.stage, diffusion=cfg.model.diffusion, clip=cfg.model.clip, vae=cfg.model.vae,
                         width=cfg.data.width, height=cfg.data.height, num_frames=cfg.data.num_frames,
@@ -84,14 +83,19 @@ def preflight(cfg: TrainConfig, dist_info: ds.DistInfo, tracker: Tracker) -> Non
 
 
 def build_unet(cfg: TrainConfig) -> I2VGenUNet:
-    """Random init from the seed (identical on every rank), or the init_from weights."""
+    """Random init from the seed (identical on every rank), or the init_from weights (built on the meta
+    device and assigned: no random init of a model that is overwritten anyway), in float32."""
     ucfg = unet_config(cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        unet = I2VGenUNet(ucfg)
     if cfg.model.init_from:
         _, state = load_checkpoint(cfg.model.init_from)
-        unet.load_state_dict(state, strict=True)
+        with torch.device("meta"):
+            unet = I2VGenUNet(ucfg)
+        unet.load_state_dict(state, strict=True, assign=True)
+        unet.float()
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            unet = I2VGenUNet(ucfg)
     if cfg.activation_checkpointing:
         unet.enable_gradient_checkpointing()
     return unet.train()
@@ -132,6 +136,8 @@ class Run:
             self.step, run_id = int(state["step"]), state.get("mlflow_run_id")
             self.loader.load_state_dict(state["data"])
             if self.ema is not None:
+                if state.get("ema") is None:
+                    raise ValueError(f"{self.resume_from} was trained with ema.enabled=false; resume it the same way")
                 self.ema.load_state_dict(state["ema"])
             self.resume_rng = state["rng"]
         tags = {"world_size": str(dist_info.world_size), "zero_stage": str(cfg.deepspeed.zero_stage),
@@ -242,9 +248,9 @@ class Run:
         """Gather the EMA (or raw) weights to rank 0, write OUTPUT/export, render samples, log both."""
         infos, tensors = ds.local_param_shards(self.engine)
         weights = ds.gather_full(infos, self.ema.shadow if self.ema is not None else tensors,
-                                 is_main=self.dist.is_main)
+                                 is_main=self.dist.is_main, device=self.dist.device)
         if self.dist.is_main:
-            folder = export_stage(self.out / "export", self.ucfg, weights, stage_of(self.cfg, self.ucfg))
+            folder = export_stage(self.out / "export", self.ucfg, weights, stage_of(self.cfg))
             self.tracker.log_artifacts(folder, "export")
             samples_dir = self.out / "samples" / f"step-{self.step:08d}"
             render_samples(folder, self.items, samples_dir, seed=self.cfg.sampling.seed, device=self.dist.device,

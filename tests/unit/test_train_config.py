@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from common.configtree import ConfigError
 from model.config import get_flavor
@@ -144,3 +145,26 @@ def test_cli_stops_on_a_bad_config_before_any_work(tmp_path, capsys):
     assert "optim" in capsys.readouterr().err and not out.exists()
     assert main(["--config", str(TINY), f"output_dir={out}", "data.batch_sise=2"]) == 2
     assert "batch_sise" in capsys.readouterr().err and not out.exists()
+
+
+def test_init_from_builds_the_unet_with_the_converted_weights(tmp_path):
+    from training.train import build_unet  # imports DeepSpeed: only here
+
+    over = _fake_weights(tmp_path)
+    ucfg = get_flavor("tiny")
+    torch.manual_seed(123)
+    source = I2VGenUNet(ucfg)
+    save_checkpoint(tmp_path / "unet", ucfg, {k: v.half() for k, v in source.state_dict().items()})
+    cfg = load_config(REPO / "configs" / "train" / "finetune-i2vgen-xl.yaml",
+                      [*over, f"model.init_from={tmp_path / 'unet'}", "model.overrides.dropout=0.0",
+                       "activation_checkpointing=true"])
+    unet = build_unet(cfg)
+    assert unet.cfg.dropout == 0.0 and unet.gradient_checkpointing and unet.training
+    for name, value in unet.state_dict().items():
+        assert value.dtype == torch.float32  # trained in fp32 master weights whatever the file's dtype
+        assert torch.equal(value, source.state_dict()[name].half().float()), name
+    # a random init is seeded: identical on every rank, different per seed
+    tiny = load_config(TINY)
+    a, b = build_unet(tiny).state_dict(), build_unet(tiny).state_dict()
+    c = build_unet(load_config(TINY, ["seed=1"])).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
