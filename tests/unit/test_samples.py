@@ -141,15 +141,16 @@ def test_generate_cli_runs_the_cascade_on_the_exports(exports, tmp_path):
 
 
 def test_export_needs_every_weight_and_keeps_the_previous_one(tmp_path):
-    sampling = SamplingConfig(steps=2)
-    folder = export_stage(tmp_path / "export", unet_cfg("base"), random_weights("base", 0), tiny_stage("base", sampling))
+    stage = tiny_stage("base", SamplingConfig(steps=2))
+    first = random_weights("base", 0)
+    folder = export_stage(tmp_path / "export", unet_cfg("base"), first, stage)
     second = random_weights("base", 1)
     partial = dict(second)
     partial.pop(next(iter(partial)))
     with pytest.raises(RuntimeError, match="Missing key"):
-        export_stage(folder, unet_cfg("base"), partial, tiny_stage("base", sampling))
-    assert torch.equal(load_unet(folder).state_dict()["conv_in.weight"], random_weights("base", 0)["conv_in.weight"])
-    export_stage(folder, unet_cfg("base"), second, tiny_stage("base", sampling))  # replaces the old export
+        export_stage(folder, unet_cfg("base"), partial, stage)
+    assert torch.equal(load_unet(folder).state_dict()["conv_in.weight"], first["conv_in.weight"])
+    export_stage(folder, unet_cfg("base"), second, stage)  # replaces the old export
     assert torch.equal(load_unet(folder).state_dict()["conv_in.weight"], second["conv_in.weight"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no .tmp / .old left behind
 
