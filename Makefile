@@ -15,7 +15,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup curate demo test test-unit test-integration bench clean
+.PHONY: setup curate demo train-base train-refine test test-unit test-integration bench clean
 
 setup: $(STAMP)  ## create .venv and install everything (idempotent)
 
@@ -30,6 +30,25 @@ $(STAMP): pyproject.toml constraints.txt
 
 curate: setup  ## curate the bundled sample inputs into $(OUT)
 	$(BIN)/python -m pipeline.curate --input tests/assets/sample --output $(OUT)
+
+# Training (DeepSpeed; CPU here, the GPUs when CUDA is visible). The tiny recipes train on the shards of
+# the bundled sample, curating it first when $(OUT)/shards is missing. NPROC=2 runs 2 processes under
+# torchrun; CONFIG=configs/train/<recipe>.yaml picks another recipe, ARGS='key.sub=value ...' overrides.
+NPROC ?= 1
+ARGS ?=
+TRAIN = $(if $(filter 1,$(NPROC)),$(BIN)/python -m training.train,$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m training.train)
+
+# what `make curate` does, run only when its output is missing
+$(OUT)/shards: | setup
+	$(BIN)/python -m pipeline.curate --input tests/assets/sample --output $(OUT)
+
+train-base: CONFIG ?= configs/train/tiny-base.yaml
+train-base: setup | $(OUT)/shards  ## train the base stage (tiny recipe on CPU by default)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(TRAIN) --config $(CONFIG) $(ARGS)
+
+train-refine: CONFIG ?= configs/train/tiny-refine.yaml
+train-refine: setup | $(OUT)/shards  ## train the refinement stage (tiny recipe on CPU by default)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(TRAIN) --config $(CONFIG) $(ARGS)
 
 demo: setup curate  ## set up and run the main job on the bundled default
 	@echo "demo done: see $(OUT)/stats.json and $(OUT)/manifest/"

@@ -5,6 +5,8 @@ A flavour is a complete `UNetConfig`; `get_flavor(name)` returns a fresh copy so
     tiny              every structural element of the release (4 levels, 22 ResBlocks, 16 spatial and 17
                       temporal transformers, fps, global/local/concat image paths, text) at < 5M params;
                       expressible as a diffusers I2VGenXLUNet (the equivalence test uses it).
+    tiny-refine       the tiny flavour as a refiner: fps and image paths off, text-only context (what
+                      `model.generate.write_tiny_checkpoints` builds for the refine stage).
     base-448x256      the paper's base stage: release architecture, 448x256 video = 56x32 latent, 16 frames.
     refine-1280x720   the refinement stage: same backbone, conv_in takes only the 4 noisy-latent channels,
                       no fps / image paths, text-only cross-attention context; 1280x720 = 160x90 latent.
@@ -122,17 +124,21 @@ class UNetConfig:
             raise ValueError("in_channels must be even with use_image_concat (temporal mixer uses 2 heads)")
 
 
+_TINY = UNetConfig(
+    block_out_channels=(32, 32, 64, 64),
+    attention_head_dim=16,
+    transformer_in_heads=8,
+    cross_attention_dim=64,
+    image_embed_dim=64,
+    norm_num_groups=8,
+    num_frames_default=4,
+    sample_size=(16, 16),
+)
+
 FLAVORS: dict[str, UNetConfig] = {
-    "tiny": UNetConfig(
-        block_out_channels=(32, 32, 64, 64),
-        attention_head_dim=16,
-        transformer_in_heads=8,
-        cross_attention_dim=64,
-        image_embed_dim=64,
-        norm_num_groups=8,
-        num_frames_default=4,
-        sample_size=(16, 16),
-    ),
+    "tiny": _TINY,
+    "tiny-refine": dataclasses.replace(_TINY, use_fps=False, use_image_global=False, use_image_local=False,
+                                       use_image_concat=False),
     "base-448x256": UNetConfig(num_frames_default=16, sample_size=(32, 56)),
     "refine-1280x720": UNetConfig(
         use_fps=False,

@@ -107,8 +107,7 @@ def write_tiny_checkpoints(root: str | Path, seed: int = 0) -> tuple[Path, Path]
     """root/base and root/refine: tiny random UNets + tiny-random CLIP/VAE sized to match (CPU demos, tests)."""
     root = Path(root)
     base_unet_cfg = get_flavor("tiny")
-    refine_unet_cfg = get_flavor("tiny", use_fps=False, use_image_global=False, use_image_local=False,
-                                 use_image_concat=False)
+    refine_unet_cfg = get_flavor("tiny-refine")
     out = []
     for name, ucfg, stage in (("base", base_unet_cfg, base_stage_defaults()),
                               ("refine", refine_unet_cfg, refine_stage_defaults())):
