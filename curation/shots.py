@@ -28,7 +28,8 @@ Rules:
   4. Doubtful (revert ratio inside the band, or a candidate that is no spike): TransNetV2 looks at a
      64-frame window around each of them only and keeps it when its cut probability is high. Without a
      second opinion, the revert ratio alone decides.
-  5. Two cuts closer than min_gap_frames: keep the stronger.
+  5. Two cuts closer than the flash window (min_gap_frames): keep the stronger; a "shot" shorter than a
+     flash may last is no shot (e.g. a codec keyframe pulse 3 frames after a cut).
 The flash window is short (0.25 s): a flash, a glitch or a passing car lasts a few frames, while a montage
 shot of 0.5 s is a shot even when the next one resembles the one before it (A B A'); a longer window made
 A's picture "come back" across B and dropped both cuts.
@@ -89,8 +90,9 @@ class ShotConfig:
     doubt_margin: float = 0.15
     """revert_ratio within +-margin of flash_revert_ratio is doubtful (asks the second opinion);
     below the band the candidate is dropped outright."""
-    min_gap_frames: int = 3
-    """Two accepted cuts closer than this: keep the stronger one."""
+    min_gap_frames: int | None = None
+    """Two accepted cuts closer than this many frames: keep the stronger one. None = the flash window: a
+    "shot" shorter than a flash may last is a flash (or a codec pulse right after a cut), not a shot."""
     second_opinion: SecondOpinionKind = "transnet"
     """Second detector for doubtful candidates: 'transnet' (TransNetV2, local weights) or 'none'."""
     transnet_threshold: float = 0.5
@@ -330,8 +332,9 @@ def classify_candidates(small: np.ndarray, fps: float, cfg: ShotConfig, second_o
                 c.verdict = "cut" if c.revert_ratio >= cfg.flash_revert_ratio else "flash"
     # two accepted cuts too close: keep the stronger (a cut is one frame; the other is its echo)
     kept: list[Candidate] = []
+    min_gap = k if cfg.min_gap_frames is None else cfg.min_gap_frames
     for c in (c for c in cands if c.verdict == "cut"):
-        if kept and c.frame - kept[-1].frame < cfg.min_gap_frames:
+        if kept and c.frame - kept[-1].frame < min_gap:
             if c.score > kept[-1].score:
                 kept[-1].verdict = "gap"
                 kept[-1] = c
