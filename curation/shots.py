@@ -24,7 +24,9 @@ Rules:
   3. Clear cut: the revert ratio is over the doubt band AND the frame is a spike (flashes left out of its
      neighbours) -> cut, with no second opinion. The second opinion is no veto over clear evidence:
      TransNetV2 is weakest on quiet cuts inside one scene (same palette and light), where it gives
-     0.01-0.5 to cuts that are clear spikes and do not revert.
+     0.01-0.5 to cuts that are clear spikes and do not revert. Except: a quiet one (score under
+     content_threshold) within weak_cut_gap_s of a stronger cut or of the start is doubtful, the soft form
+     of AdaptiveDetector's minimum scene length.
   4. Doubtful (revert ratio inside the band, or a candidate that is no spike): TransNetV2 looks at a
      64-frame window around each of them only and keeps it when its cut probability is high. Without a
      second opinion, the revert ratio alone decides.
@@ -90,6 +92,11 @@ class ShotConfig:
     doubt_margin: float = 0.15
     """revert_ratio within +-margin of flash_revert_ratio is doubtful (asks the second opinion);
     below the band the candidate is dropped outright."""
+    weak_cut_gap_s: float = 0.6
+    """A cut whose score is under content_threshold, closer than this (seconds) to a stronger cut or to the
+    start of the video, asks the second opinion even when its own evidence is clear: AdaptiveDetector's
+    default minimum scene length (15 frames at 24 fps) as a prior instead of a hard rule. Short shots are
+    real, but a quiet change right after a cut is more often a codec keyframe pulse or a light change."""
     min_gap_frames: int | None = None
     """Two accepted cuts closer than this many frames: keep the stronger one. None = the flash window: a
     "shot" shorter than a flash may last is a flash (or a codec pulse right after a cut), not a shot."""
@@ -319,6 +326,14 @@ def classify_candidates(small: np.ndarray, fps: float, cfg: ShotConfig, second_o
             c.verdict = "cut"  # clear evidence: no second opinion
         else:
             doubtful.append(c)
+    clear = [c for c in cands if c.verdict == "cut"]
+    near = round(cfg.weak_cut_gap_s * fps)
+    for c in clear:
+        if c.score < cfg.content_threshold and (c.frame < near or any(
+                abs(o.frame - c.frame) < near and o.score > c.score for o in clear)):
+            c.verdict = ""
+            doubtful.append(c)
+    doubtful.sort(key=lambda c: c.frame)
     if doubtful:
         if second_opinion is None and cfg.second_opinion != "none":
             second_opinion = default_second_opinion(cfg)

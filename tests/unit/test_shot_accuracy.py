@@ -15,9 +15,9 @@ How each truth was made:
   grey levels apart on average):
     montage        10 shots of 12-36 frames, random clips, framings and camera moves (slow and whip pans);
                    30% go back to the shot before the previous one (A B A'). Every boundary is a cut.
-    same_scene     6 shots of 18-48 frames of ONE clip range: crops of 2-3 different regions, time going
-                   on across the cut (two set-ups of one action) or jumping >= 48 frames (two moments of
-                   one shot). Every boundary is a cut.
+    same_scene     6 shots of 18-48 frames of ONE clip range: crops of 2-3 different regions (the crop
+                   changes at every cut), time going on across the cut (two set-ups of one action) or
+                   jumping >= 48 frames (two moments of one shot). Every boundary is a cut.
     cut_flash      6 shots of 24-48 frames; after a cut (80%) 1-3 frames starting 1-4 frames later are
                    white, black or noise. Cuts as built; each flash [first frame, first frame after] is a
                    distractor.
@@ -25,7 +25,8 @@ How each truth was made:
                    from its ends). Boundaries are cuts, flashes distractors.
     insert         as flash_in_shot, but the 1-2 frames are another clip's picture (a flash of a picture,
                    not a shot).
-  Seeds: DEV_SEEDS were looked at while the detector's rules were written; HELD_OUT_SEEDS only after.
+  Seeds: those run here were looked at while the detector's rules were written (tests/shot_sets.py says which
+  were held out when; `python -m bench.shot_accuracy` runs them all).
 
 Targets: ours >= the anchor's F1 on every set, >= 0.95 overall, no cut inside any flash or distractor range;
 on the shared clips alone, strictly better than AdaptiveDetector and ContentDetector defaults.
@@ -39,10 +40,11 @@ import pytest
 from curation.decode import DecodeConfig, decode_video
 from curation.shots import SecondOpinion, ShotConfig, classify_candidates, detect_cuts
 from tests import shot_scoring as scoring
-from tests.shot_sets import DEV_SEEDS, SETS, build_sets, load_sources, make_video, single_shot_segments
+from tests.shot_sets import SETS, build_sets, load_sources, make_video, single_shot_segments
 
 TOLERANCE = scoring.TOLERANCE
-SEEDS = DEV_SEEDS
+SEEDS = (0, 1, 2, 101, 102, 103)
+"""Seeds of the hard sets run here (six of tests/shot_sets.py DEV_SEEDS: about 30 s on two slow cores)."""
 
 
 @pytest.fixture(scope="module")
