@@ -236,3 +236,30 @@ def test_clip_config_errors():
         ShotConfig(min_shot_s=5.0, max_clip_s=2.0)
     with pytest.raises(ValueError, match="fps"):
         shots_to_clips([], 10, 0.0, ShotConfig())
+
+
+def test_cuts_closer_than_the_flash_window_keep_the_stronger():
+    """A 3-frame 'shot' between two others (A B C, no revert) is no shot: one cut, not two."""
+    frames, cuts = synth.shots_frames([30, 3, 30], seed=8)
+    assert cuts == [30, 33]
+    (cut,) = detect_cuts(frames, 24.0, PLAIN)
+    assert cut in cuts
+
+
+def _tone_step(frames, at, gain=1.35):
+    """Frames from `at` on brighter by `gain` (a codec keyframe pulse or a light switched on: no new shot)."""
+    out = frames.copy()
+    out[at:] = np.clip(out[at:].astype(np.float32) * gain, 0, 255).astype(np.uint8)
+    return out
+
+
+def test_a_quiet_change_right_after_a_cut_asks_the_second_opinion(second_opinion):
+    frames, _ = synth.shots_frames([30, 60], seed=9)
+    cfg = ShotConfig()
+    near = {c.frame: c for c in classify_candidates(_tone_step(frames, 38), 24.0, cfg, second_opinion)}
+    far = {c.frame: c for c in classify_candidates(_tone_step(frames, 70), 24.0, cfg, second_opinion)}
+    assert near[30].verdict == "cut" and near[30].second_opinion is None  # the strong cut decides alone
+    for cands, at in ((near, 38), (far, 70)):  # the step is a quiet spike that does not revert
+        assert cands[at].score < cfg.content_threshold and cands[at].spike >= cfg.adaptive_threshold
+    assert near[38].second_opinion is not None  # 8 frames after a stronger cut: TransNetV2 is asked
+    assert far[70].second_opinion is None  # 1.7 s away: its own clear evidence decides
