@@ -112,8 +112,8 @@ class ShotConfig:
     """Torch device for TransNetV2 ('cpu' or 'cuda')."""
     transnet_precision: TransnetPrecision = "auto"
     """TransNetV2 compute precision (names and dtypes of common.dtypes): 'float32', 'bfloat16' or 'float16'
-    (autocast), or 'auto' = bfloat16 on a CPU with native bf16 support (about 2x faster there; cut
-    probabilities move by < 0.003 on the shared clips), float32 everywhere else."""
+    (autocast; float16 on a GPU only), or 'auto' = bfloat16 on a CPU with native bf16 support (about 2x faster
+    there; cut probabilities move by < 0.003 on the shared clips), float32 everywhere else."""
     min_shot_s: float = 1.0
     """Shots shorter than this (after trimming) yield no clip."""
     max_clip_s: float = 10.0
@@ -134,6 +134,9 @@ class ShotConfig:
             raise ValueError(f"ShotConfig.min_shot_s={self.min_shot_s} exceeds max_clip_s={self.max_clip_s}")
         if self.trim_start_frames < 0 or self.trim_end_frames < 0:
             raise ValueError("ShotConfig.trim_start_frames / trim_end_frames must be >= 0")
+        if self.transnet_precision == "float16" and self.transnet_device == "cpu" and self.second_opinion == "transnet":
+            raise ValueError("ShotConfig.transnet_precision='float16' on transnet_device='cpu': CPUs emulate float16 "
+                             "(one TransNetV2 window took ~90 s instead of ~1 s); use 'auto', 'bfloat16' or 'float32'")
         if self.adaptive_window < 1 or self.flash_max_s <= 0:
             raise ValueError("ShotConfig.adaptive_window must be >= 1 and flash_max_s > 0")
 

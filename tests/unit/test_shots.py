@@ -120,7 +120,7 @@ def test_transnet_precision_names_are_those_of_the_dtype_map():
     assert set(get_args(get_type_hints(ShotConfig)["transnet_precision"])) == set(get_args(Precision))
 
 
-@pytest.mark.parametrize("precision, dtype", [("float32", "float32"), ("float16", "float16"), ("bf16", "bfloat16")])
+@pytest.mark.parametrize("precision, dtype", [("float32", "float32"), ("bf16", "bfloat16")])
 def test_transnet_precision_resolves_through_common_dtypes(precision, dtype):
     import torch
 
@@ -130,6 +130,13 @@ def test_transnet_precision_resolves_through_common_dtypes(precision, dtype):
     assert scorer.dtype == getattr(torch, dtype)
     frames, _ = synth.shots_frames([40, 40])
     assert scorer.peak_probabilities(frames, [40])[40] > 0.5  # autocast in that dtype still sees the cut
+
+
+def test_float16_transnet_is_for_gpus_only():
+    """CPUs emulate float16 (one window took ~90 s): refused in the config, before any work."""
+    with pytest.raises(ValueError, match="float16"):
+        configtree.from_dict(ShotConfig, {"transnet_precision": "float16"}, "shots")
+    assert ShotConfig(transnet_precision="float16", transnet_device="cuda").transnet_precision == "float16"
 
 
 def test_unknown_transnet_precision_names_the_valid_ones():
