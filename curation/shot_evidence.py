@@ -1,0 +1,102 @@
+"""Evidence about a proposed cut, measured on the small detection frames (used by curation.shots).
+
+- `thumbnails`: 16x9 HSV thumbnails and mean brightness of every frame (what the revert test compares).
+- `revert_test`: does the picture from before a change come back soon after it (a flash, a glitch, a
+  passing car), and which frames were the flash.
+- `spike_ratio`: a frame's change score over its neighbours' (AdaptiveDetector's ratio), optionally with
+  the frames of flashes left out of the neighbours.
+- `edge_spikes`: frames where a burst of change starts or ends (one-sided spikes), which a two-sided mean
+  hides when a cut is followed by a flash.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def thumbnails(small: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N,9,16,3) float32 HSV thumbnails and (N,) mean brightness (HSV value) of the small frames."""
+    thumbs = np.empty((len(small), 9, 16, 3), np.float32)
+    luma = np.empty(len(small), np.float32)
+    for i, frame in enumerate(small):
+        hsv = cv2.cvtColor(frame, cv2.COLOR_RGB2HSV)
+        luma[i] = hsv[..., 2].mean()
+        thumbs[i] = cv2.resize(hsv, (16, 9), interpolation=cv2.INTER_AREA)
+    return thumbs, luma
+
+
+def _distance(thumbs: np.ndarray, x: int, y: int) -> float:
+    return float(np.abs(thumbs[x] - thumbs[y]).mean())
+
+
+def revert_test(thumbs: np.ndarray, i: int, k: int) -> tuple[float, int, int]:
+    """(revert_ratio, b, a) of a change at frame i; frames b+1 .. a-1 are the flash when the ratio is small.
+
+    A flash is a change that reverts: the picture before it comes back after it (the flash, the glitch, the
+    passing car are the frames between). A pair of a frame b < i and a frame a >= i, with a - b <= k + 1,
+    qualifies when every frame between them is unlike both (farther from each than b is from a): a swinging
+    camera can pass a framing that resembles the next shot, but the frames around that framing resemble it.
+    Then revert_ratio = (distance(b, a) - drift) / distance across i. drift is what the shot's own motion
+    changes over a - b frames (the smaller of the distances from b back and from a on over as many frames:
+    one side may lie across another cut), so that a flash in a fast pan reverts as clearly as one in a still
+    shot. It counts only when the shot goes on after a (`_persists`): a noise frame shortly after a cut can
+    resemble the picture before the cut by chance, and motion explains nothing there.
+    ~1 for a cut (no pair qualifies: (1.0, i-1, i)), ~0-0.3 for a flash.
+    """
+    n = len(thumbs)
+    lo, hi = max(0, i - k), min(n, i + k + 1)
+    flat = thumbs[lo:hi].reshape(hi - lo, -1)
+    dist = np.abs(flat[:, None, :] - flat[None, :, :]).mean(-1)
+    across = float(dist[i - 1 - lo, i - lo])
+    best = (1.0, i - 1, i)
+    if across <= 1e-6:
+        return best
+    for b in range(0, i - lo):
+        for a in range(max(i - lo, b + 2), min(hi - lo, b + k + 2)):
+            if np.minimum(dist[b, b + 1 : a], dist[b + 1 : a, a]).min() <= dist[b, a]:
+                continue
+            fb, fa, gap = b + lo, a + lo, a - b
+            drift = 0.0
+            if _persists(thumbs, fb, fa):
+                drift = min((_distance(thumbs, x, x + gap) for x in (fb - gap, fa) if 0 <= x and x + gap < n),
+                            default=0.0)
+            ratio = max(0.0, float(dist[b, a]) - drift) / across
+            if ratio < best[0]:
+                best = (ratio, fb, fa)
+    return best
+
+
+def _persists(thumbs: np.ndarray, b: int, a: int) -> bool:
+    """The picture at a stays for as long as the frames b+1 .. a-1 lasted: each of the next a - b - 1 frames
+    is closer to frame a than to every one of those (a shot going on, not another flash frame)."""
+    between = thumbs[b + 1 : a].reshape(a - b - 1, -1)
+    for f in range(a + 1, min(len(thumbs), a + (a - b))):
+        here = thumbs[f].reshape(-1)
+        if _distance(thumbs, f, a) >= np.abs(between - here).mean(1).min():
+            return False
+    return True
+
+
+def spike_ratio(scores: np.ndarray, i: int, window: int, masked: np.ndarray | None = None) -> float:
+    """scores[i] over the mean score of the `window` frames on each side (frame 0, which has no score, and
+    frames where `masked` is True left out); 255 when that mean is ~0, as in AdaptiveDetector."""
+    lo, hi = max(1, i - window), min(len(scores), i + window + 1)
+    nb = [j for j in range(lo, hi) if j != i and (masked is None or not masked[j])]
+    mean = float(scores[nb].mean()) if nb else 0.0
+    return min(float(scores[i]) / mean, 255.0) if mean > 1e-5 else 255.0
+
+
+def edge_spikes(scores: np.ndarray, threshold: float, window: int, min_score: float) -> list[int]:
+    """Frames whose score reaches `min_score` and `threshold` times the mean of the `window` frames on ONE
+    side: where a burst of change starts or ends. A cut followed within a few frames by a flash is a burst
+    of three or more large changes; AdaptiveDetector's two-sided mean hides every frame of it, but the cut is
+    where the burst starts."""
+    out = []
+    for i in range(1, len(scores)):
+        if scores[i] < min_score:
+            continue
+        left, right = scores[max(1, i - window) : i], scores[i + 1 : i + 1 + window]
+        if any(len(side) and scores[i] >= threshold * float(side.mean()) for side in (left, right)):
+            out.append(i)
+    return out
