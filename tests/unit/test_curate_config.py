@@ -18,9 +18,6 @@ DEFAULT_YAML = REPO / "configs" / "curate_default.yaml"
 # Fields of the curation config that hold free text (a path, a model name, patterns), not a choice.
 FREE_TEXT = {"scores.clip.model", "scores.clip.checkpoint", "scores.quality.aesthetic_head", "scores.text.boilerplate",
              "decode.scratch_dir", "shots.transnet_weights"}
-# Choice fields of sections converted to Literal on other branches (decode, shots); may shrink to empty.
-PENDING = {"shots.detector", "shots.second_opinion", "shots.transnet_device",
-           "shots.transnet_precision"}
 
 
 def _string_fields(cls, prefix: str = "") -> dict[str, object]:
@@ -38,7 +35,7 @@ def _string_fields(cls, prefix: str = "") -> dict[str, object]:
 def test_curation_choice_fields_are_literals():
     """Every string setting of the curation config is either free text or a Literal (validated on load)."""
     plain = set(_string_fields(CurateConfig))
-    assert plain - FREE_TEXT <= PENDING, sorted(plain - FREE_TEXT - PENDING)
+    assert plain <= FREE_TEXT, sorted(plain - FREE_TEXT)
     assert {"job.clip_placement", "scores.clip.device", "scores.clip.precision", "encode.preset",
             "filter.dedup_priority"}.isdisjoint(plain)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from typing import get_args, get_type_hints
 
 import numpy as np
 import pytest
@@ -112,12 +111,6 @@ def test_unknown_registry_keys_list_the_valid_ones(field, value):
         ShotConfig(**{field: value})
     with pytest.raises(ConfigError, match=f"shots.{field}"):  # the config loader says so before any work
         configtree.from_dict(ShotConfig, {field: value}, "shots")
-
-
-def test_transnet_precision_names_are_those_of_the_dtype_map():
-    from common.dtypes import Precision
-
-    assert set(get_args(get_type_hints(ShotConfig)["transnet_precision"])) == set(get_args(Precision))
 
 
 @pytest.mark.parametrize("precision, dtype", [("float32", "float32"), ("bf16", "bfloat16")])
