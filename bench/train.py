@@ -14,7 +14,9 @@ Default run (CPU, configs/train/tiny-base.yaml), printed as a table, then one JS
   loader_vs_step        samples/s of training.data.TrainLoader at the recipe's data settings (its workers,
                         image:video mix) on real shards from the curation job, over the samples/s the tiny
                         DeepSpeed step trains on those same micro-batches (each video / image micro-batch the
-                        loader delivered costed at the median step time of its kind); target >= 4.
+                        loader delivered costed at the median step time of its kind); target >= 4. The loader
+                        is timed (after warm-up batches) in two halves, right before and after the step worker
+                        (the second with the next seed: other draws of the same shards).
   zero3_vs_zero2_mem_per_rank  parameter + optimizer bytes per rank of the real trainer run by torchrun with
                         2 processes (`python -m training.train`, a few steps), ZeRO-3 over ZeRO-2, from the
                         `"event": "memory"` line the trainer writes to OUTPUT/metrics.jsonl (the largest rank of
@@ -80,7 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--paired-steps", type=int, default=8, help="iterations of the paired run (0 skips it in "
                    "--vs-diffusers; the default run needs it)")
     p.add_argument("--loader-warmup", type=int, default=4, help="loader micro-batches before timing")
-    p.add_argument("--loader-batches", type=int, default=30, help="timed loader micro-batches")
+    p.add_argument("--loader-batches", type=int, default=30, help="timed loader micro-batches (two halves)")
     p.add_argument("--mem-steps", type=int, default=1, help="optimizer steps of each torchrun trainer job")
     p.add_argument("--peak-tflops", type=float, help="device peak dense FLOP/s in TFLOP/s for MFU (default: "
                    f"the bf16 table {PEAK_TFLOPS})")
@@ -158,13 +160,24 @@ def default_run(args: argparse.Namespace) -> dict[str, Any]:
     if args.paired_steps < 1:
         raise SystemExit("the default run needs --paired-steps >= 1")
     shards = ensure_shards(args.shards)
+    # the loader is timed in two halves, right before and right after the step worker, so that a drift of
+    # the shared machine's speed between the two measurements is averaged out (and seen: `halves`); the
+    # second half runs with the next seed, so it reads other draws (order, start frames, fps, crops)
+    first = (args.loader_batches + 1) // 2
+    halves = [measure_loader(args.recipe, args.overrides, shards, warmup=args.loader_warmup, batches=first)]
     paired = run_worker(args, ["ds", "torch", "ds-image"], args.paired_steps)
     t, med = paired["times"], paired["median_s"]
     ratio, per_iter = median_ratio(t["ds"], t["torch"])
     print(f"paired steps: ds {med['ds']:.3f} s  torch {med['torch']:.3f} s  ds-image {med['ds-image']:.3f} s",
           flush=True)
-    loader = measure_loader(args.recipe, args.overrides, shards, warmup=args.loader_warmup,
-                            batches=args.loader_batches)
+    if args.loader_batches > first:
+        halves.append(measure_loader(args.recipe, args.overrides, shards, warmup=args.loader_warmup,
+                                     batches=args.loader_batches - first, seed_offset=1))
+    loader = {**halves[0], "time_s": sum(h["time_s"] for h in halves),
+              "kinds": [k for h in halves for k in h["kinds"]], "sizes": [n for h in halves for n in h["sizes"]],
+              "samples": sum(h["samples"] for h in halves),
+              "skipped": {r: sum(h["skipped"].get(r, 0) for h in halves) for h in halves for r in h["skipped"]},
+              "halves_samples_per_s": [h["samples"] / h["time_s"] for h in halves]}
     step_time = sum(med["ds" if k == "video" else "ds-image"] for k in loader["kinds"])
     loader_rate, step_rate = loader["samples"] / loader["time_s"], loader["samples"] / step_time
     print(f"loader: {loader['samples']} samples in {loader['time_s']:.2f} s", flush=True)
@@ -287,7 +300,8 @@ def print_default(r: dict[str, Any]) -> None:
          f"DeepSpeed ZeRO-2 step {r['ds_step_s']:.3f} s vs torch AdamW step {r['torch_step_s']:.3f} s (one process, "
          f"alternated, median of {r['paired_iterations']} per-iteration ratios, {lo:.2f}-{hi:.2f})"),
         ("loader_vs_step", r["loader_vs_step"], ">= 4",
-         f"TrainLoader {r['loader_samples_per_s']:.1f} samples/s ({ld['num_workers']} worker(s), {kinds}, "
+         f"TrainLoader {r['loader_samples_per_s']:.1f} samples/s (halves before/after the steps "
+         f"{'/'.join(f'{x:.1f}' for x in ld['halves_samples_per_s'])}; {ld['num_workers']} worker(s), {kinds}, "
          f"skipped {sum(ld['skipped'].values())}) vs DeepSpeed step {r['step_samples_per_s']:.2f} samples/s on them "
          f"(image step {r['ds_image_step_s']:.3f} s)"),
         ("zero3_vs_zero2_mem_per_rank", r["zero3_vs_zero2_mem_per_rank"], "",

@@ -53,14 +53,16 @@ def ensure_shards(path: str | None) -> Path:
     return out
 
 
-def measure_loader(recipe: str, overrides: list[str], shards: Path, *, warmup: int, batches: int) -> dict[str, Any]:
-    """TrainLoader at the recipe's data settings on `shards` (rank 0 of 1): `warmup` micro-batches untimed
-    (worker start, first chunks), then the time of the next `batches`, with each one's kind and size."""
+def measure_loader(recipe: str, overrides: list[str], shards: Path, *, warmup: int, batches: int,
+                   seed_offset: int = 0) -> dict[str, Any]:
+    """TrainLoader at the recipe's data settings on `shards` (rank 0 of 1, the recipe's seed + `seed_offset`):
+    `warmup` micro-batches untimed (worker start, first chunks), then the time of the next `batches`, with
+    each one's kind and size."""
     from training.config import load_config
     from training.data import TrainLoader
 
     cfg = load_config(recipe, [*overrides, f"data.shards=[{shards}]"])
-    loader = TrainLoader(cfg.data, seed=cfg.seed)
+    loader = TrainLoader(cfg.data, seed=cfg.seed + seed_offset)
     try:
         stream = iter(loader)
         for _ in range(warmup):

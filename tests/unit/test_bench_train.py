@@ -53,6 +53,7 @@ def test_default_run_reports_the_three_ratios(tmp_path):
     assert len(r["zero2_vs_torch_time_per_iteration"]) == 2
     loader = r["loader"]
     assert len(loader["kinds"]) == 3 and loader["samples"] == sum(loader["sizes"]) > 0
+    assert len(loader["halves_samples_per_s"]) == 2  # timed before and after the step worker
     assert loader["num_workers"] == 1  # the tiny-base recipe's loader settings
     for stage in ("zero2", "zero3"):  # both ranks of both torchrun jobs reported their memory
         run = r["memory_runs"][stage]
