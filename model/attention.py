@@ -15,6 +15,7 @@ from torch import nn
 
 from model.fused_ops import geglu_proj_out, geglu_proj_out_folded
 from model.recompute import RecomputeMixin
+from model.weight_init import zero_module
 
 
 # On CPU, SDPA's flash kernel has a large fixed cost per (sequence, head) block: for the temporal attentions
@@ -179,9 +180,7 @@ class TemporalTransformer(nn.Module):
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner)
         self.block = TransformerBlock(inner, heads, head_dim, context_dim=None)
-        self.proj_out = nn.Linear(inner, channels)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
+        self.proj_out = zero_module(nn.Linear(inner, channels))
 
     def _tokens(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         # (B*F, C, H, W) -> (B, C, F, H*W) view for the clip-wide GroupNorm -> (B*H*W, F, C) tokens

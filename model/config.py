@@ -1,4 +1,8 @@
-"""UNet configuration for the I2VGen-XL 3D latent UNet, and the registry of named flavours.
+"""Configs of the model package: the I2VGen-XL 3D latent UNet and its registry of named flavours, plus the
+noise schedule (`DiffusionConfig`, used by model.diffusion), the OpenCLIP encoders (`ClipConfig`,
+model.encoders) and the KL VAE (`VAEConfig`, model.vae). Plain dataclasses with no torch import, so a
+job's config tree that holds them loads and validates before torch or open_clip is imported; each
+module that uses a config imports it from here.
 
 A flavour is a complete `UNetConfig`; `get_flavor(name)` returns a fresh copy so callers may edit it.
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass
@@ -160,4 +165,78 @@ def get_flavor(name: str, **overrides) -> UNetConfig:
     return dataclasses.replace(FLAVORS[name], **overrides)
 
 
-__all__ = ["UNetConfig", "FLAVORS", "get_flavor"]
+
+# ------------------------------------------------------------------------- schedule, encoders, VAE
+Prediction = Literal["v", "eps"]
+
+
+@dataclass
+class DiffusionConfig:
+    """How clean latents are noised and what the UNet is trained to predict."""
+
+    schedule: str = "cosine"
+    """Key of `SCHEDULES`: cosine (release), linear_sd (v1 base), logsnr_cosine_interp (v1 refiner)."""
+    num_timesteps: int = 1000
+    """Number of discrete training timesteps T."""
+    zero_terminal_snr: bool = True
+    """Rescale so the last timestep is pure noise (SNR 0); the release trains with it."""
+    prediction: Prediction = "v"
+    """UNet output: "v" (release) or "eps"."""
+    offset_noise: float = 0.1
+    """Strength of the per-frame per-channel offset noise added at training time (0 disables)."""
+    cosine_s: float = 0.008
+    """Offset s of the cosine schedule."""
+    beta_start: float = 0.00085
+    """First beta of linear_sd."""
+    beta_end: float = 0.012
+    """Last beta of linear_sd."""
+    logsnr_scale_min: float = 2.0
+    """logsnr_cosine_interp: shift scale at t=0."""
+    logsnr_scale_max: float = 4.0
+    """logsnr_cosine_interp: shift scale at t=T-1."""
+
+
+
+
+@dataclass
+class ClipConfig:
+    """Which OpenCLIP model encodes prompts and the conditioning image."""
+
+    kind: Literal["openclip", "tiny-random"] = "openclip"
+    """openclip: real architecture + local checkpoint; tiny-random: tiny seeded random model (tests, demos)."""
+    checkpoint: str = ""
+    """Local OpenCLIP checkpoint file (e.g. open_clip_pytorch_model.bin or .safetensors of ViT-H-14 laion2b)."""
+    arch: str = "ViT-H-14"
+    """open_clip architecture name of the checkpoint."""
+    layer: Literal["penultimate", "last"] = "penultimate"
+    """Text layer whose tokens are returned (I2VGen-XL: penultimate)."""
+    text_dim: int = 64
+    """tiny-random only: text token width (must equal the UNet's cross_attention_dim)."""
+    image_dim: int = 64
+    """tiny-random only: image embedding width (what the UNet's global image path expects)."""
+    image_size: int = 32
+    """tiny-random only: input resolution of the tiny vision tower."""
+    seed: int = 0
+    """tiny-random only: initialisation seed."""
+
+
+
+@dataclass
+class VAEConfig:
+    """Which KL-f8 autoencoder maps frames to latents."""
+
+    kind: Literal["diffusers", "tiny-random"] = "diffusers"
+    """diffusers: local AutoencoderKL folder (SD 2.1 `vae/`); tiny-random: tiny seeded random VAE."""
+    path: str = ""
+    """Local folder with config.json and diffusion_pytorch_model.safetensors."""
+    scaling_factor: float = 0.18215
+    """Latent scale of SD 2.1's VAE."""
+    chunk_size: int = 4
+    """Frames encoded/decoded per VAE call."""
+    sample_posterior: bool = True
+    """Encode to a posterior sample (diffusers/VGen do) instead of its mean."""
+    seed: int = 0
+    """tiny-random only: initialisation seed."""
+
+
+__all__ = ["UNetConfig", "FLAVORS", "get_flavor", "Prediction", "DiffusionConfig", "ClipConfig", "VAEConfig"]

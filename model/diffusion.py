@@ -28,38 +28,11 @@ Offset noise (VGen DiffusionDDIM.sample_loss): noise = randn(B,C,F,H,W) + streng
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 
-Prediction = Literal["v", "eps"]
-
-
-@dataclass
-class DiffusionConfig:
-    """How clean latents are noised and what the UNet is trained to predict."""
-
-    schedule: str = "cosine"
-    """Key of `SCHEDULES`: cosine (release), linear_sd (v1 base), logsnr_cosine_interp (v1 refiner)."""
-    num_timesteps: int = 1000
-    """Number of discrete training timesteps T."""
-    zero_terminal_snr: bool = True
-    """Rescale so the last timestep is pure noise (SNR 0); the release trains with it."""
-    prediction: Prediction = "v"
-    """UNet output: "v" (release) or "eps"."""
-    offset_noise: float = 0.1
-    """Strength of the per-frame per-channel offset noise added at training time (0 disables)."""
-    cosine_s: float = 0.008
-    """Offset s of the cosine schedule."""
-    beta_start: float = 0.00085
-    """First beta of linear_sd."""
-    beta_end: float = 0.012
-    """Last beta of linear_sd."""
-    logsnr_scale_min: float = 2.0
-    """logsnr_cosine_interp: shift scale at t=0."""
-    logsnr_scale_max: float = 4.0
-    """logsnr_cosine_interp: shift scale at t=T-1."""
+from model.config import DiffusionConfig
 
 
 # --------------------------------------------------------------------------------------------- schedules

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from model.weight_init import zero_module
+
 
 def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Transformer-style sinusoidal features of `values` (B,), cos half first, always float32.
@@ -43,8 +45,7 @@ class TimestepMLP(nn.Module):
         self.act = nn.SiLU()
         self.linear_2 = nn.Linear(out_dim, out_dim)
         if zero_init_last:
-            nn.init.zeros_(self.linear_2.weight)
-            nn.init.zeros_(self.linear_2.bias)
+            zero_module(self.linear_2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(x)))

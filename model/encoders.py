@@ -21,7 +21,6 @@ whose output widths come from the config, for tests and CPU demos.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -34,27 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: nothing here ma
 import open_clip  # noqa: E402
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # noqa: E402
 
-
-@dataclass
-class ClipConfig:
-    """Which OpenCLIP model encodes prompts and the conditioning image."""
-
-    kind: Literal["openclip", "tiny-random"] = "openclip"
-    """openclip: real architecture + local checkpoint; tiny-random: tiny seeded random model (tests, demos)."""
-    checkpoint: str = ""
-    """Local OpenCLIP checkpoint file (e.g. open_clip_pytorch_model.bin or .safetensors of ViT-H-14 laion2b)."""
-    arch: str = "ViT-H-14"
-    """open_clip architecture name of the checkpoint."""
-    layer: Literal["penultimate", "last"] = "penultimate"
-    """Text layer whose tokens are returned (I2VGen-XL: penultimate)."""
-    text_dim: int = 64
-    """tiny-random only: text token width (must equal the UNet's cross_attention_dim)."""
-    image_dim: int = 64
-    """tiny-random only: image embedding width (what the UNet's global image path expects)."""
-    image_size: int = 32
-    """tiny-random only: input resolution of the tiny vision tower."""
-    seed: int = 0
-    """tiny-random only: initialisation seed."""
+from model.config import ClipConfig  # noqa: E402
 
 
 def _tiny_clip_cfg(cfg: ClipConfig) -> dict:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.recompute import RecomputeMixin, group_norm_silu_dropout
+from model.weight_init import zero_module
 
 
 def frames_to_clip(x: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -53,8 +54,7 @@ class TemporalConvBlock(nn.Module):
         self.stages = nn.ModuleList(
             [TemporalConvStage(channels, groups, eps, 0.0 if i == 0 else dropout) for i in range(4)]
         )
-        nn.init.zeros_(self.stages[-1].conv.weight)
-        nn.init.zeros_(self.stages[-1].conv.bias)
+        zero_module(self.stages[-1].conv)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         # x: (B*F, C, H, W) -> (B, C, F, H*W); GroupNorm statistics span all frames of a clip. One dense copy

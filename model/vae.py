@@ -14,32 +14,14 @@ Weights load from a local diffusers folder holding config.json + diffusion_pytor
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 
+from model.config import VAEConfig
+
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
-
-
-@dataclass
-class VAEConfig:
-    """Which KL-f8 autoencoder maps frames to latents."""
-
-    kind: Literal["diffusers", "tiny-random"] = "diffusers"
-    """diffusers: local AutoencoderKL folder (SD 2.1 `vae/`); tiny-random: tiny seeded random VAE."""
-    path: str = ""
-    """Local folder with config.json and diffusion_pytorch_model.safetensors."""
-    scaling_factor: float = 0.18215
-    """Latent scale of SD 2.1's VAE."""
-    chunk_size: int = 4
-    """Frames encoded/decoded per VAE call."""
-    sample_posterior: bool = True
-    """Encode to a posterior sample (diffusers/VGen do) instead of its mean."""
-    seed: int = 0
-    """tiny-random only: initialisation seed."""
 
 
 def tiny_vae_config() -> dict:

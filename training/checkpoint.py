@@ -156,12 +156,13 @@ def save(output_dir: str | Path, step: int, engine, trainer_state: dict[str, Any
     return folder
 
 
-def load(folder: str | Path, engine, dist_info: ds.DistInfo) -> dict[str, Any]:
-    """Restore the DeepSpeed state into `engine` and return this rank's trainer state."""
+def load_trainer_state(folder: str | Path, dist_info: ds.DistInfo) -> dict[str, Any]:
+    """This rank's trainer state of a complete checkpoint, after checking that as many processes wrote it
+    as run now (ValueError otherwise). Needs no model: the trainer checks a checkpoint before building one,
+    and restores the DeepSpeed part afterwards (`training.engine.load_engine`)."""
     folder = Path(folder)
     marker = json.loads((folder / COMPLETE).read_text())
     if int(marker["world_size"]) != dist_info.world_size:
         raise ValueError(f"{folder} was written by {marker['world_size']} processes; resume it with the same "
                          f"number (now {dist_info.world_size}): the data position is per rank")
-    ds.load_engine(engine, folder)
     return torch.load(trainer_state_path(folder, dist_info.rank), map_location="cpu", weights_only=True)

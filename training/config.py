@@ -9,6 +9,11 @@ vs the UNet, timestep range vs schedule) without touching the filesystem, so eve
 validated on any machine. `missing_paths(cfg)` lists the local files a run needs that are absent
 (OpenCLIP checkpoint, VAE folder, init_from), each with its config key; `check_paths(cfg)` raises on
 them before any work. Each component receives only its sub-config.
+
+Every class of the tree lives in a module that imports neither torch nor DeepSpeed (`model.config`,
+`training.subconfigs`, `training.tracking`), so loading and validating a tree imports no heavy package:
+`python -m training.train` reports a bad key or value before it imports them. Only the init_from checks
+read `model.convert`'s format constants, imported where they are used (that module imports torch).
 """
 
 from __future__ import annotations
@@ -21,16 +26,8 @@ from typing import Any, Literal
 
 from common import configtree
 from common.configtree import ConfigError
-from model.config import FLAVORS, UNetConfig, get_flavor
-from model.convert import FORMAT, OUR_CONFIG, OUR_WEIGHTS
-from model.diffusion import DiffusionConfig
-from model.encoders import ClipConfig
-from model.vae import VAEConfig
-from training.data import DataConfig
-from training.ema import EMAConfig
-from training.engine import DeepSpeedConfig
-from training.objective import ObjectiveConfig
-from training.samples import SamplingConfig
+from model.config import FLAVORS, ClipConfig, DiffusionConfig, UNetConfig, VAEConfig, get_flavor
+from training.subconfigs import DataConfig, DeepSpeedConfig, EMAConfig, ObjectiveConfig, SamplingConfig
 from training.tracking import TrackingConfig
 
 Stage = Literal["base", "refine"]
@@ -126,6 +123,8 @@ def unet_config(cfg: TrainConfig) -> UNetConfig:
     """The UNet architecture: the flavour, or init_from's config.json, with model.overrides applied."""
     m = cfg.model
     if m.init_from:
+        from model.convert import FORMAT, OUR_CONFIG  # imports torch: only for init_from runs
+
         meta_path = Path(m.init_from) / OUR_CONFIG
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != FORMAT:
@@ -203,6 +202,8 @@ def missing_paths(cfg: TrainConfig) -> list[tuple[str, str]]:
             if folder is None or not (folder / name).is_file():
                 missing.append(("model.vae.path", str(folder / name) if folder else "(empty)"))
     if m.init_from:
+        from model.convert import OUR_CONFIG, OUR_WEIGHTS  # imports torch: only for init_from runs
+
         for name in (OUR_CONFIG, OUR_WEIGHTS):
             if not (Path(m.init_from) / name).is_file():
                 missing.append(("model.init_from", str(Path(m.init_from) / name)))

@@ -1,4 +1,5 @@
-"""Training data: the `data` config, the shard check, and the position-exact loader over ranks x workers.
+"""Training data: the shard check and the position-exact loader over ranks x workers (their `data` config,
+`DataConfig`, lives in training.subconfigs so that the job validates it before importing torch).
 
 The order of samples is training.data_order's (seeded by seed, kind and epoch; ranks take interleaved
 positions of one global stream). A rank's stream is cut into chunks of one micro-batch; worker processes
@@ -20,85 +21,23 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterator, Literal, Mapping
 
 import numpy as np
 import torch
 
-from common.configtree import ConfigError
 from training.data_order import KINDS, RankStream, micro_step_kind, sample_index
 from training.loader_workers import WorkerPool
 from training.shard_dataset import (
     ChunkResult, DataError, SampleSpec, ShardDataset, describe_items, find_shards,
 )
+from training.subconfigs import DataConfig
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
-
-
-@dataclass
-class DataConfig:
-    """Training data (`data`): which shards, how samples become pixels, and how they are loaded."""
-
-    shards: list[str] = field(default_factory=lambda: ["out/curate-sample"])
-    """Curation output folders (their shards/video-*.tar and shards/image-*.tar), folders holding such
-    shards, .tar files, or globs of them; relative paths are relative to the working directory."""
-    num_frames: int = 4
-    """F, the frames of a video sample."""
-    fps_choices: list[int] = field(default_factory=lambda: [8])
-    """fps condition values: per sample one is chosen (seeded) among those the clip can give (<= its own
-    fps, and F frames fit at that rate); if none is <= its fps, its own fps rounded."""
-    height: int = 64
-    """Sample height in pixels (the stage resolution; a multiple of 8)."""
-    width: int = 64
-    """Sample width in pixels (a multiple of 8)."""
-    batch_size: int = 1
-    """Per-rank micro-batch of video steps."""
-    image_batch_size: int | None = None
-    """Per-rank micro-batch of image steps (None = batch_size)."""
-    image_fraction: float = 0.0
-    """Probability that a micro-step is an image step (joint training: images are 1-frame videos)."""
-    reader: Literal["decord", "pyav"] = "decord"
-    """Frame reader: decord from memory with random access, or PyAV (also decord's automatic fallback)."""
-    num_workers: int = 2
-    """Loader worker processes per rank (0 = load in the training process). Crash isolation needs >= 1: a
-    segfault or abort inside decord/FFmpeg on a sample kills only its worker, and the sample is skipped as
-    `decoder_crash`; with 0 it kills the training process."""
-    prefetch: int = 2
-    """Micro-batches prefetched per worker and kind."""
-    timeout_s: float = 120.0
-    """Waiting this long for any worker result is an error naming the shards being read."""
-
-    def __post_init__(self) -> None:
-        checks = [
-            (len(self.shards) > 0, "shards", "must list at least one folder, .tar file or glob"),
-            (self.num_frames >= 1, "num_frames", "must be >= 1"),
-            (len(self.fps_choices) > 0 and all(f >= 1 for f in self.fps_choices), "fps_choices",
-             "must be a non-empty list of fps >= 1"),
-            (self.height >= 8 and self.height % 8 == 0, "height", "must be a positive multiple of 8"),
-            (self.width >= 8 and self.width % 8 == 0, "width", "must be a positive multiple of 8"),
-            (self.batch_size >= 1, "batch_size", "must be >= 1"),
-            (self.image_batch_size is None or self.image_batch_size >= 1, "image_batch_size",
-             "must be >= 1 or null"),
-            (0.0 <= self.image_fraction <= 1.0, "image_fraction", "must lie in [0, 1]"),
-            (self.num_workers >= 0, "num_workers", "must be >= 0"),
-            (self.prefetch >= 1, "prefetch", "must be >= 1"),
-            (self.timeout_s > 0, "timeout_s", "must be > 0"),
-        ]
-        for ok, name, why in checks:
-            if not ok:
-                raise ConfigError(f"data.{name}={getattr(self, name)!r} {why}")
-
-    def kind_batch_size(self, kind: str) -> int:
-        """Micro-batch size of `kind` steps."""
-        return (self.image_batch_size or self.batch_size) if kind == "image" else self.batch_size
-
-    def needs(self, kind: str) -> bool:
-        """Whether `kind` steps can happen under image_fraction."""
-        return self.image_fraction > 0 if kind == "image" else self.image_fraction < 1
 
 
 def check_shards(cfg: DataConfig) -> dict[str, list[str]]:

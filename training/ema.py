@@ -13,31 +13,9 @@ the weights, as diffusers' EMAModel does with update_after_step):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass
-class EMAConfig:
-    """EMA of the trained weights; the export and the validation samples use it when enabled."""
-
-    enabled: bool = True
-    """Keep an EMA; when off, exports hold the raw trained weights."""
-    decay: float = 0.9999
-    """Weight of the old shadow per update, in [0, 1)."""
-    start_step: int = 0
-    """Optimizer step from which the EMA averages; before it the shadow copies the weights."""
-    every: int = 1
-    """Update every N optimizer steps (cheaper on huge models; the decay applies per update)."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.decay < 1.0:
-            raise ValueError(f"ema.decay must lie in [0, 1), got {self.decay}")
-        if self.start_step < 0:
-            raise ValueError(f"ema.start_step must be >= 0, got {self.start_step}")
-        if self.every < 1:
-            raise ValueError(f"ema.every must be >= 1, got {self.every}")
+from training.subconfigs import EMAConfig
 
 
 class EMA:

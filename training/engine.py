@@ -6,19 +6,23 @@ What the trainer needs from DeepSpeed, behind plain functions:
   CUDA the accelerator is `cpu` and the backend gloo (DS_ACCELERATOR=cpu is set before the import).
 - `ds_config` + `initialize`: `deepspeed.initialize` with a torch optimizer and LR scheduler passed in
   (a DS-config optimizer block would JIT-build FusedAdam), ZeRO 2 or 3, optional CPU offload.
+- `model_init_context` + `load_partitioned`: under ZeRO-3 the model is built with `deepspeed.zero.Init`
+  (each parameter partitioned over the ranks as soon as its module exists: no rank ever holds the whole
+  model) and pretrained weights are loaded one submodule at a time (`zero.GatheredParameters`).
 - ZeRO-3-aware views of the weights: `local_param_shards` (full tensors under ZeRO 0-2, this rank's
   partition under ZeRO-3; what the EMA averages) and `gather_full` (collective; the export).
-- `param_optim_bytes`: bytes of this rank's parameter storage + optimizer state (the memory figure).
+- `param_optim_bytes` / `module_param_bytes`: bytes of this rank's parameter storage (+ optimizer state).
 - `save_engine` / `load_engine`: the DeepSpeed part of a checkpoint (model, optimizer, LR schedule).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 import torch
 import torch.distributed as dist
@@ -29,35 +33,9 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402  (after DS_ACCELERATOR)
 
 from common.dtypes import dtype_of  # noqa: E402
+from training.subconfigs import DeepSpeedConfig  # noqa: E402
 
 DS_TAG = "ds"
-
-
-@dataclass
-class DeepSpeedConfig:
-    """How DeepSpeed shards and runs the UNet."""
-
-    zero_stage: Literal[2, 3] = 2
-    """ZeRO stage: 2 shards optimizer state + gradients; 3 also shards the parameters."""
-    offload_optimizer: bool = False
-    """Keep optimizer state (and its step) in CPU memory (ZeRO-Offload); for GPUs short of memory."""
-    offload_param: bool = False
-    """ZeRO-3 only: keep parameter partitions in CPU memory between uses."""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """Training precision: auto = bf16 on a GPU that supports it, fp32 otherwise (CPU)."""
-    param_persistence_threshold: int = 100_000
-    """ZeRO-3: parameters of at most this many elements stay gathered on every rank (fewer collectives;
-    DeepSpeed's default). 0 shards every parameter (what a tiny model needs to show ZeRO-3's memory split)."""
-    max_reuse_distance: int = 1_000_000_000
-    """ZeRO-3: keep a gathered parameter if it is used again within this many parameter elements
-    (DeepSpeed's default). Its bookkeeping walks the whole module trace once per submodule on the second
-    step (seconds on a model of ~1500 tensors); 0 releases every parameter right after use."""
-
-    def __post_init__(self) -> None:
-        if self.offload_param and self.zero_stage != 3:
-            raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage=3")
-        if self.param_persistence_threshold < 0 or self.max_reuse_distance < 0:
-            raise ValueError("deepspeed.param_persistence_threshold and deepspeed.max_reuse_distance must be >= 0")
 
 
 @dataclass
@@ -135,6 +113,70 @@ def ds_config(cfg: DeepSpeedConfig, *, micro_batch: int, grad_accum: int, grad_c
     }
 
 
+def zero3(config: dict[str, Any] | None) -> bool:
+    """Whether a DeepSpeed config dict partitions the parameters (ZeRO stage 3)."""
+    return config is not None and int(config["zero_optimization"]["stage"]) == 3
+
+
+class _PartitionOnInit(deepspeed.zero.Init):
+    """`zero.Init` whose modules create their tensors as plain torch does (no tensor-constructor overrides:
+    CPU, float32, torch's global CPU generator), so a seeded init draws exactly the values it draws outside
+    the context. Each parameter is cast to the training dtype (the one DeepSpeed's engine expects of a
+    zero.Init model) right before DeepSpeed moves it to the rank's device, broadcasts it from rank 0 and
+    partitions it. `_post_init_method` is DeepSpeed's per-module hook for subclasses."""
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(config_dict_or_path=config, tensor_overrides=[])
+
+    def _post_init_method(self, module: torch.nn.Module) -> None:
+        for p in module.parameters(recurse=False):
+            if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != self.dtype:
+                p.data = p.data.to(self.dtype)
+        super()._post_init_method(module)
+
+
+@contextlib.contextmanager
+def model_init_context(config: dict[str, Any] | None) -> Iterator[None]:
+    """Context to construct the trained model in. ZeRO-3 (`zero3(config)`): `deepspeed.zero.Init`, so a
+    parameter is partitioned over the ranks as soon as the module owning it is built, and a rank never
+    holds more than one module's parameters in full (peak) besides its partitions. The values equal those
+    of the same construction outside the context (same seed, float32; cast like the engine casts a full
+    model for bf16); a module that re-initialises a child must do it through `Module.apply`
+    (model.weight_init). Any other config (ZeRO-2, None): nothing; every rank builds the full model."""
+    if not zero3(config):
+        yield
+        return
+    with _PartitionOnInit(config):
+        yield
+
+
+def load_partitioned(module: torch.nn.Module, read: Callable[[str], torch.Tensor],
+                     shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Copy full weights into a module built under `model_init_context` (ZeRO-3), one submodule at a time:
+    its parameters are gathered (`deepspeed.zero.GatheredParameters`), rank 0 copies `read(name)` into each,
+    one tensor at a time, and on leaving the context DeepSpeed broadcasts rank 0's values and re-partitions
+    them. So a rank holds at most one submodule's parameters in full and one source tensor besides its
+    partitions; `read` is called on rank 0 only. `shapes` ({name: shape} of every source tensor) must match
+    the parameters exactly (names and shapes, like a strict load_state_dict), else ValueError naming them."""
+    params = dict(module.named_parameters())
+    own = {name: tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape) for name, p in params.items()}
+    missing, unexpected = sorted(set(own) - set(shapes)), sorted(set(shapes) - set(own))
+    wrong = sorted(n for n in set(own) & set(shapes) if tuple(shapes[n]) != own[n])
+    problems = [f"{len(names)} {what}, e.g. {names[:3]}" for what, names in
+                (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong)) if names]
+    if problems:
+        raise ValueError(f"the weights do not fit the model: {'; '.join(problems)}")
+    is_main = dist.get_rank() == 0
+    for prefix, sub in module.named_modules():
+        named = list(sub.named_parameters(recurse=False))
+        if not named:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=0), torch.no_grad():
+            if is_main:
+                for name, p in named:
+                    p.data.copy_(read(f"{prefix}.{name}" if prefix else name))
+
+
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, config: dict[str, Any]):
     """`deepspeed.initialize` -> the engine (forward, backward, step, checkpoints)."""
@@ -159,9 +201,14 @@ class ShardInfo:
 def local_param_shards(engine) -> tuple[list[ShardInfo], list[torch.Tensor]]:
     """This rank's live parameter storage: full params (ZeRO 0-2), else each param's local partition
     trimmed to its real elements (`ds_tensor` minus padding). Fetch anew after each step (never cached)."""
+    return module_param_shards(engine.module)
+
+
+def module_param_shards(module: torch.nn.Module) -> tuple[list[ShardInfo], list[torch.Tensor]]:
+    """`local_param_shards` of a module (e.g. one just built under `model_init_context`)."""
     infos, tensors = [], []
     rank = dist.get_rank()
-    for name, p in engine.module.named_parameters():
+    for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         if hasattr(p, "ds_tensor"):
@@ -209,18 +256,28 @@ def _storage_bytes(tensors, seen: set[int]) -> int:
     return total
 
 
+def _param_storages(module: torch.nn.Module) -> list[torch.Tensor]:
+    tensors = []
+    for p in module.parameters():
+        tensors.append(p.data)  # empty for a released ZeRO-3 parameter
+        if hasattr(p, "ds_tensor"):
+            tensors.append(p.ds_tensor)
+    return tensors
+
+
+def module_param_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the parameter storage this rank holds for `module`, each storage once: the full weights of
+    a plain module, the local partitions (+ any gathered weights) of a ZeRO-3 one."""
+    return _storage_bytes(_param_storages(module), set())
+
+
 def param_optim_bytes(engine) -> dict[str, int]:
     """Bytes this rank holds for parameters and the optimizer (fp32 master partitions and Adam moments),
     each storage counted once; gradients and activations excluded. Parameters = the ZeRO-3 partitions
     plus whatever full weights stay gathered between steps (persistent small parameters), or the full
     weights under ZeRO 0-2. Call between steps, after the first (Adam creates its moments lazily)."""
     seen: set[int] = set()
-    params = []
-    for p in engine.module.parameters():
-        params.append(p.data)  # empty for a released ZeRO-3 parameter
-        if hasattr(p, "ds_tensor"):
-            params.append(p.ds_tensor)
-    param_bytes = _storage_bytes(params, seen)
+    param_bytes = _storage_bytes(_param_storages(engine.module), seen)
     zero_opt = engine.optimizer
     torch_opt = getattr(zero_opt, "optimizer", zero_opt)
     optim_tensors: list[torch.Tensor] = []

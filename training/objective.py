@@ -20,7 +20,6 @@ has no image to drop, so p_image is a no-op and p_both drops the caption only.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,32 +28,7 @@ from model.config import UNetConfig
 from model.diffusion import GaussianDiffusion
 from model.samplers import null_conditioning
 from model.unet import build_image_latents
-
-
-@dataclass
-class ObjectiveConfig:
-    """What the UNet is trained on besides the data: timestep range and CFG dropout."""
-
-    timestep_range: tuple[int, int] = (0, 1000)
-    """Timesteps t are drawn uniformly from [lo, hi): base [0, 1000), refine [0, 600) (module docstring)."""
-    p_text: float = 0.1
-    """Probability that a sample's caption is replaced by the empty prompt (CFG on text)."""
-    p_image: float = 0.05
-    """Probability that a sample's global CLIP image embedding is zeroed (base stage only)."""
-    p_both: float = 0.05
-    """Probability that both are dropped (the fully unconditional branch of CFG)."""
-
-    def __post_init__(self) -> None:
-        for name in ("p_text", "p_image", "p_both"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"objective.{name} must lie in [0, 1], got {p}")
-        if self.p_text + self.p_image + self.p_both > 1.0 + 1e-9:
-            raise ValueError("objective.p_text + p_image + p_both must be <= 1 (the events exclude each other)")
-        lo, hi = (int(v) for v in self.timestep_range)
-        if not 0 <= lo < hi:
-            raise ValueError(f"objective.timestep_range must satisfy 0 <= lo < hi, got {self.timestep_range}")
-        self.timestep_range = (lo, hi)
+from training.subconfigs import ObjectiveConfig
 
 
 def sample_seed(seed: int, sample_id: int) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,40 +40,9 @@ from model.generate import load_image, load_pipeline, save_stage, to_uint8_frame
 from model.unet import I2VGenUNet
 from model.vae import VAEConfig
 from training.data import DataConfig, validation_items
+from training.subconfigs import SamplingConfig
 
 Stage = Literal["base", "refine"]
-
-
-@dataclass
-class SamplingConfig:
-    """Validation videos rendered from the exported checkpoint during and at the end of training."""
-
-    every_steps: int = 0
-    """Export + render samples every N optimizer steps (0: only at the end of training)."""
-    num_samples: int = 2
-    """Validation items rendered each time (the first ones of `training.data.validation_items`)."""
-    steps: int | None = None
-    """DDIM steps of the samples, also written as the export's default; None: the stage's release default
-    (base 50, refine 30)."""
-    guidance: float | None = None
-    """Classifier-free guidance scale of the samples and the export; None: release default (9 / 7.5)."""
-    seed: int = 0
-    """Seed of sample i is seed + i: the same noise at every step of the run and across runs."""
-    images: list[str] = field(default_factory=list)
-    """Base stage only: conditioning image files to sample from instead of the validation clips."""
-    captions: list[str] = field(default_factory=list)
-    """Captions of `images`, by position (missing ones: empty prompt)."""
-
-    def __post_init__(self) -> None:
-        if self.every_steps < 0 or self.num_samples < 1:
-            raise ConfigError(f"sampling.every_steps={self.every_steps} must be >= 0 and "
-                              f"sampling.num_samples={self.num_samples} >= 1")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"sampling.steps={self.steps}: must be >= 1 (or null for the stage default)")
-        if self.guidance is not None and self.guidance < 1.0:
-            raise ConfigError(f"sampling.guidance={self.guidance}: must be >= 1 (1 = no guidance)")
-        if len(self.captions) > len(self.images):
-            raise ConfigError(f"sampling.captions has {len(self.captions)} entries for {len(self.images)} images")
 
 
 # --------------------------------------------------------------------------------------------- export

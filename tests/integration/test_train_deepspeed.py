@@ -7,10 +7,16 @@ Runs (6 optimizer steps each, UNet dropout 0, image:video mix 1:4 as in the tiny
     C  2 processes, ZeRO-3, micro-batch 1 per rank, activation checkpointing on, started by the test-only
        ema_reference_launcher.py (adds a full-parameter reference EMA beside the run)
 A and B are shared with test_train_resume.py (train_support.reference_run).
+
+ZeRO-3 builds the UNet partitioned (deepspeed.zero.Init): right after the build each of 2 ranks holds half
+of the weights, and the gathered weights are bit for bit those of a full build (random init from the seed,
+in fp32 and bf16, and init_from's converted weights: the test-only zero3_build_check.py). Fine-tuning from
+init_from trains the same under ZeRO-3 (2 processes) as under ZeRO-2 (1 process), 2 steps.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -18,9 +24,11 @@ import torch
 from safetensors.torch import load_file
 
 from model.config import get_flavor
+from model.convert import OUR_WEIGHTS, save_checkpoint
 from model.unet import I2VGenUNet
 from train_support import (
-    ZERO3, base_args, curated_shards, metrics, one_process_zero3, reference_run, steps, two_process_zero2,
+    TINY_BASE, ZERO3, base_args, curated_shards, finish, launch, metrics, one_process_zero3, reference_run, steps,
+    two_process_zero2,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -121,3 +129,76 @@ def test_ema_of_zero3_shards_equals_full_ema_and_is_what_gets_exported(runs):
     for n in full_c:
         torch.testing.assert_close(full_c[n], full_a[n], rtol=0, atol=2e-4, msg=n)
         torch.testing.assert_close(full_c[n], full_b[n], rtol=0, atol=2e-4, msg=n)
+
+
+# ------------------------------------------------------------------------------------- ZeRO-3 model build
+def _start(out):
+    return next(r for r in metrics(out) if r.get("event") == "start")
+
+
+def _full_bytes() -> int:
+    """fp32 bytes of the whole tiny UNet: what every rank held after the build before zero.Init."""
+    return 4 * sum(shape.numel() for _, shape in _names_shapes())
+
+
+def test_zero3_ranks_hold_half_of_the_weights_right_after_the_build(runs):
+    full = _full_bytes()
+    assert _start(runs["A"])["param_bytes_built"] == [full]  # 1 process: its partition is the whole model
+    assert _start(runs["B"])["param_bytes_built"] == [full, full]  # ZeRO-2: every rank builds the full model
+    two = _start(runs["C"])["param_bytes_built"]
+    assert len(two) == 2 and all(0.49 <= b / full <= 0.52 for b in two), [b / full for b in two]
+
+
+@pytest.fixture(scope="module")
+def init_from(tmp_path_factory):
+    """model.convert folders: the tiny UNet of seed 7 in fp16 (weights no seed-0 run starts from), and a
+    copy missing one tensor."""
+    root = tmp_path_factory.getbasetemp() / "init-from"
+    good, bad = root / "seed7-fp16", root / "missing-tensor"
+    if not (bad / OUR_WEIGHTS).is_file():
+        ucfg = get_flavor("tiny")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(7)
+            state = {k: v.half() for k, v in I2VGenUNet(ucfg).state_dict().items()}
+        save_checkpoint(good, ucfg, state)
+        del state["time_embed.linear_1.weight"]
+        save_checkpoint(bad, ucfg, state)
+    return good, bad
+
+
+def test_zero3_build_gathers_to_the_weights_of_a_full_build(tmp_path, init_from):
+    out, log = tmp_path / "check.json", tmp_path / "check.log"
+    args = [str(out), str(init_from[0]), str(init_from[1]), "--config", TINY_BASE, "model.overrides.dropout=0.0",
+            *ZERO3]
+    rc = finish(launch(args, nproc=2, module=[str(HERE / "zero3_build_check.py")], log=log), timeout=400)
+    assert rc == 0, log.read_text()[-4000:]
+    r = json.loads(out.read_text())
+    assert r["world_size"] == 2 and r["tensors"] == len(_names_shapes()) and r["full_bytes"] == _full_bytes()
+    for case in ("fp32", "init_from"):  # bit for bit, every tensor; each rank holds half after the build
+        assert r[case]["mismatched"] == [], (case, r[case]["mismatched"][:5])
+        assert all(0.49 <= b / r["full_bytes"] <= 0.52 for b in r[case]["built_bytes"]), (case, r[case])
+    assert r["bf16"]["mismatched"] == [] and r["bf16"]["differs_from_fp32"]  # = the fp32 init cast to bf16
+    assert all(0.24 <= b / r["full_bytes"] <= 0.26 for b in r["bf16"]["built_bytes"]), r["bf16"]
+    assert r["init_from"]["differs_from_random"]  # the file's weights, not the seed's
+    assert len(r["bad"]) == 2 and r["bad"][0] == r["bad"][1]  # every rank stops with the same error
+    assert "model.init_from" in r["bad"][0] and "missing" in r["bad"][0]
+    assert "time_embed.linear_1.weight" in r["bad"][0]
+
+
+def test_init_from_trains_the_same_under_zero3_as_under_zero2(tmp_path_factory, init_from, runs):
+    shards = curated_shards(tmp_path_factory)
+    args = [*base_args(shards), "model.flavor=null", f"model.init_from={init_from[0]}", "max_steps=2"]
+    zero3_out = reference_run(tmp_path_factory, "p2-zero3-init-from", [*args, "data.batch_size=1", *ZERO3], nproc=2)
+    zero2_out = reference_run(tmp_path_factory, "p1-zero2-init-from",
+                              [*args, "data.batch_size=2", "deepspeed.zero_stage=2"], nproc=1)
+    zero3, zero2, seed0 = steps(metrics(zero3_out)), steps(metrics(zero2_out)), steps(metrics(runs["B"]))
+    assert sorted(zero3) == sorted(zero2) == [1, 2]
+    for s in (1, 2):
+        assert sorted(zero3[s]["keys"][0] + zero3[s]["keys"][1]) == sorted(zero2[s]["keys"][0]), s
+        assert zero3[s]["loss"] == pytest.approx(zero2[s]["loss"], rel=LOSS_RTOL), s
+        assert zero3[s]["grad_norm"] == pytest.approx(zero2[s]["grad_norm"], rel=1e-4), s
+    # the same samples as the seed-0 runs: a different loss comes from init_from's weights
+    assert sorted(seed0[1]["keys"][0] + seed0[1]["keys"][1]) == sorted(zero2[1]["keys"][0])
+    assert zero2[1]["loss"] != pytest.approx(seed0[1]["loss"], rel=1e-3)
+    full = _full_bytes()
+    assert all(0.49 <= b / full <= 0.52 for b in _start(zero3_out)["param_bytes_built"])

@@ -12,8 +12,9 @@ idle, minutes under load) into the shared cache on every run. The targets curate
 
 Then: `<clone>/mlflow.db`, queried with MlflowClient, holds one FINISHED run per stage with params, a
 falling `train/loss`, mp4 samples and the exported checkpoint; `python -m model.generate` runs the cascade
-from the two exports as MLflow stores them; and, when chromium is installed (/usr/bin/chromium), a plain
-`mlflow ui` started in the clone lists both runs and the artifacts in a headless browser.
+from the two exports as MLflow stores them; with MLFLOW_TRACKING_URI at a closed port `make train-base`
+stops at start naming the URI; and, when chromium is installed (/usr/bin/chromium), a plain `mlflow ui`
+started in the clone lists both runs and the artifacts in a headless browser.
 """
 
 from __future__ import annotations
@@ -73,10 +74,20 @@ def clone_env() -> dict[str, str]:
     return env
 
 
-def run_group(cmd: list[str], cwd: Path, timeout: float, log: Path) -> int:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_cmd(target: str, *args: str) -> list[str]:
+    return ["make", "-o", ".venv/.installed", f"BIN={REPO / '.venv' / 'bin'}", target, *args]
+
+
+def run_group(cmd: list[str], cwd: Path, timeout: float, log: Path, **env: str) -> int:
     """Run cmd in its own process group; whatever it leaves behind (Ray daemons ...) is ended with it."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=clone_env(), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=cwd, env={**clone_env(), **env}, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             return proc.wait(timeout=timeout)
@@ -112,8 +123,7 @@ def trained_clone(tmp_path_factory) -> dict:
     for target in ("train-base", "train-refine"):
         log = clone.parent / f"{target}.log"
         t0 = time.monotonic()
-        rc = run_group(["make", "-o", ".venv/.installed", f"BIN={REPO / '.venv' / 'bin'}", target], clone,
-                       MAKE_TIMEOUT_S, log)
+        rc = run_group(make_cmd(target), clone, MAKE_TIMEOUT_S, log)
         logs[target] = time.monotonic() - t0
         assert rc == 0, f"make {target} exited {rc}:\n{log.read_text()[-6000:]}"
     print(f"make wall times (s): {json.dumps({k: round(v, 1) for k, v in logs.items()})}")
@@ -197,13 +207,23 @@ def test_generate_runs_the_cascade_from_the_two_exported_checkpoints(trained_clo
     assert len(frames) == summary["shape"][2] and (frames[0].height, frames[0].width) == (h, w)
 
 
+def test_unreachable_tracking_server_stops_make_train_base_at_start(trained_clone):
+    """MLFLOW_TRACKING_URI pointing at a closed port: the job stops before building anything, naming the URI."""
+    clone = trained_clone["clone"]
+    uri = f"http://127.0.0.1:{free_port()}"
+    log = clone.parent / "unreachable.log"
+    t0 = time.monotonic()
+    rc = run_group(make_cmd("train-base", "ARGS=output_dir=runs/unreachable"), clone, 600, log,
+                   MLFLOW_TRACKING_URI=uri)
+    elapsed = time.monotonic() - t0
+    text = log.read_text()
+    assert rc != 0
+    assert f"cannot start: TrackingError: MLflow tracking store {uri} is not usable" in text, text[-3000:]
+    assert not (clone / "runs" / "unreachable").exists()  # stopped before any output or model
+    print(f"unreachable store: make train-base stopped after {elapsed:.1f} s")
+
+
 # ------------------------------------------------------------------------------------------ the UI
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def dump_dom(url: str, profile: Path, log: Path) -> str:
     """The page's DOM after its scripts ran, from headless chromium (no driver needed)."""
     cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",

@@ -4,7 +4,8 @@ left it, with the same losses and exactly the unseen remainder of the data.
 1. 2 processes (torchrun, ZeRO-2): the whole job (launcher, both ranks, their loader workers) is SIGKILLed
    as soon as metrics.jsonl shows step 3; `--resume` (auto) continues from the step-2 checkpoint. Steps
    3..6 equal the uninterrupted reference run B (shared with test_train_deepspeed.py), and so do the
-   samples of every step (keys and sample ids, i.e. epoch-exact positions on both ranks).
+   samples of every step (keys and sample ids, i.e. epoch-exact positions on both ranks). Resuming that
+   run with another batch size stops on the data position, before any model is built.
 2. 1 process (ZeRO-3, UNet dropout 0.1, MLflow on a real SQLite store): the process kills itself inside the
    save of its second checkpoint (step 4), right after the first file (test-only launcher wrapping
    torch.save). The half-written step-4 folder is ignored; resume continues from step 2, re-does steps 3
@@ -61,6 +62,16 @@ def test_sigkill_of_the_job_then_resume_continues_exactly(tmp_path_factory, tmp_
         assert got["sample_ids"] == reference[s]["sample_ids"], s  # ... from the same epochs
         assert got["loss"] == reference[s]["loss"], s               # bit for bit: same world size and order
         assert got["lr"] == reference[s]["lr"], s
+
+    # another micro-batch size does not fit the saved data position: every rank stops in the check the
+    # trainer makes before building any model (Run.resume_state), naming the checkpoint and the mismatch
+    log = tmp_path / "mismatch.log"
+    rc = finish(launch([*args, "data.batch_size=2"], nproc=2, log=log), timeout=300)
+    text = log.read_text()
+    assert rc != 0
+    assert "cannot resume from" in text and "step-00000006" in text and "data position does not fit" in text
+    assert "batch_sizes" in text
+    assert len(_starts(metrics(out))) == len(_starts(records))  # nothing was started
 
 
 def test_kill_inside_a_checkpoint_save_resumes_from_the_previous_complete_one(tmp_path_factory, tmp_path):

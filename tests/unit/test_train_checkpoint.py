@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from training import checkpoint as ckpt
-from training.engine import DeepSpeedConfig, ds_config
+from training.engine import DeepSpeedConfig, DistInfo, ds_config
 
 
 def _fake(out, step, complete):
@@ -39,6 +39,17 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
         ckpt.find_resume(tmp_path, str(ckpt.step_dir(tmp_path, 12)))
     with pytest.raises(FileNotFoundError):
         ckpt.find_resume(tmp_path, str(tmp_path / "nope"))
+
+
+def test_trainer_state_needs_the_world_size_that_wrote_it(tmp_path):
+    folder = ckpt.step_dir(tmp_path, 4)
+    folder.mkdir(parents=True)
+    (folder / ckpt.COMPLETE).write_text(json.dumps({"step": 4, "world_size": 2}))
+    for rank in (0, 1):
+        torch.save({"step": 4, "rank": rank}, ckpt.trainer_state_path(folder, rank))
+    assert ckpt.load_trainer_state(folder, DistInfo(1, 2, 1, torch.device("cpu"))) == {"step": 4, "rank": 1}
+    with pytest.raises(ValueError, match="written by 2 processes.*now 1"):
+        ckpt.load_trainer_state(folder, DistInfo(0, 1, 0, torch.device("cpu")))
 
 
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path):

@@ -1,5 +1,6 @@
 """training.config: every shipped recipe loads and validates; bad keys / values / combinations are errors
-naming the field; missing model files are listed with their config keys; the CLI stops before any work.
+naming the field; missing model files are listed with their config keys; the CLI stops before any work,
+and before importing torch, DeepSpeed or anything else heavy.
 
 How recipe paths are checked on a machine without the weights: `validate` (schema + combinations) never
 touches the filesystem and must pass for every recipe; `missing_paths` then lists the local files a recipe
@@ -11,6 +12,9 @@ job stops with. Pointing the keys at files that exist makes the same recipes pas
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,8 +151,50 @@ def test_cli_stops_on_a_bad_config_before_any_work(tmp_path, capsys):
     assert "batch_sise" in capsys.readouterr().err and not out.exists()
 
 
+# What a config error must not wait for: each takes seconds to import on a busy machine (torch alone ~2-8 s)
+HEAVY = ("torch", "deepspeed", "open_clip", "numpy", "safetensors", "diffusers", "decord", "av", "cv2", "PIL",
+         "mlflow", "webdataset", "ray", "tqdm")
+
+
+def _imported(importtime_stderr: str) -> set[str]:
+    """Top-level names of the modules a `python -X importtime` run imported."""
+    names = set()
+    for line in importtime_stderr.splitlines():
+        if line.startswith("import time:") and not line.rstrip().endswith("imported package"):
+            names.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    return names
+
+
+def _python(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-X", "importtime", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("override, field", [("bad.key=1", "bad"), ("data.batch_size=0", "data.batch_size"),
+                                             ("deepspeed.zero_stage=1", "deepspeed.zero_stage")])
+def test_cli_reports_a_config_error_before_importing_anything_heavy(override, field):
+    proc = _python("-m", "training.train", "--config", str(TINY), override)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    message = [line for line in proc.stderr.splitlines() if line.startswith("training.train: config error")]
+    assert len(message) == 1 and field in message[0]
+    imported = _imported(proc.stderr)
+    assert {"training", "yaml"} <= imported  # the import log is read correctly
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+
+
+def test_every_recipe_loads_and_validates_without_heavy_imports():
+    code = ("import sys; from training.config import load_config, validate; "
+            "[validate(load_config(p)) for p in sys.argv[1:]]")
+    proc = _python("-c", code, *map(str, RECIPES))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = _imported(proc.stderr)
+    assert {"training", "model", "yaml"} <= imported
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+
+
 def test_init_from_builds_the_unet_with_the_converted_weights(tmp_path):
-    from training.train import build_unet  # imports DeepSpeed: only here
+    from training.trainer import build_unet  # imports DeepSpeed: only here
 
     over = _fake_weights(tmp_path)
     ucfg = get_flavor("tiny")

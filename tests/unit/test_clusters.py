@@ -1,0 +1,341 @@
+"""Every launch spec in clusters/ is loaded and checked: it parses, its commands (in the spec and in its
+comments) are accepted by the real argument parsers (torchrun's, the deepspeed launcher's, `ray job
+submit`'s, training.train's, training.ray_train's, pipeline.curate's), the recipes they name load and
+validate, and what they ask for fits what they declare (nodes, GPUs, CPUs, rendezvous address, the shared
+volume that holds every path a run reads or writes). Placeholders are marked REPLACE_ME. Nothing is
+launched: no Ray, no processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.configtree import ConfigError
+from pipeline import curate
+from training import ray_train, train
+from training.config import TrainConfig, load_config, missing_paths, validate
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTERS = REPO / "clusters"
+PLACEHOLDER = "REPLACE_ME"
+COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+LAUNCHERS = ("torchrun", "deepspeed", "ray job submit", "python -m", "ray up", "ray down")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def comment_commands(path: Path) -> list[list[str]]:
+    """Commands written in a spec's comments: an indented `#   <launcher> ...` line (prose has one space
+    after the #), continued by trailing backslashes; a trailing `# ...` note is dropped."""
+    commands, current = [], None
+    for line in path.read_text().splitlines():
+        text = line[1:] if line.startswith("#") else None
+        if current is not None and text is not None:
+            current += " " + text.strip()
+        elif text is not None and text.startswith("  ") and text.strip().startswith(LAUNCHERS):
+            current = text.strip()
+        else:
+            continue
+        if current.endswith("\\"):
+            current = current[:-1]
+        else:
+            commands.append(shlex.split(current, comments=True))
+            current = None
+    return commands
+
+
+def check_train_args(argv: list[str]) -> TrainConfig:
+    """training.train's parser accepts argv; its recipe loads and validates with its overrides."""
+    args = train.parse_args(argv)
+    config = Path(args.config)
+    assert not config.is_absolute() and (REPO / config).is_file(), args.config
+    cfg = load_config(REPO / config, args.overrides)
+    validate(cfg)
+    return cfg
+
+
+def check_shared_paths(cfg: TrainConfig, shared: set[str]) -> None:
+    """The output dir, the shards and every model file the run needs lie on a shared mount (absolute)."""
+    needed = missing_paths(cfg)
+    assert needed, "the check must see the model files the recipe needs"  # none exist on this machine
+    paths = [("output_dir", cfg.output_dir), *[("data.shards", s) for s in cfg.data.shards], *needed]
+    for key, path in paths:
+        assert Path(path).is_absolute() and any(Path(path).is_relative_to(m) for m in shared), (key, path, shared)
+
+
+def check_ray_train_args(argv: list[str]) -> tuple:
+    """training.ray_train's parser accepts argv (both its own options and training.train's)."""
+    args, train_argv = ray_train.parse_args(argv)
+    return args, check_train_args(train_argv)
+
+
+def module_exists(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def python_module(argv: list[str]) -> tuple[str, list[str]]:
+    """(module, its args) of `[.../]python -m MODULE ARGS`."""
+    assert Path(argv[0]).name == "python" and argv[1] == "-m", argv
+    assert module_exists(argv[2]), argv[2]
+    return argv[2], argv[3:]
+
+
+def check_entrypoint(argv: list[str], shared: set[str]) -> None:
+    """A `python -m training.ray_train|training.train|pipeline.curate ...` command line."""
+    module, args = python_module(argv)
+    if module == "training.ray_train":
+        _, cfg = check_ray_train_args(args)
+        check_shared_paths(cfg, shared)
+    elif module == "training.train":
+        check_shared_paths(check_train_args(args), shared)
+    else:
+        assert module == "pipeline.curate", module
+        parsed = curate.parse_args(args)
+        for path in (parsed.input, parsed.output):
+            assert any(Path(path).is_relative_to(m) for m in shared), path
+
+
+def check_ray_job_submit(argv: list[str], shared: set[str]) -> None:
+    """`ray job submit OPTIONS -- ENTRYPOINT`: Ray's own CLI parser, then the entrypoint."""
+    from ray.dashboard.modules.job.cli import submit
+
+    assert argv[:3] == ["ray", "job", "submit"], argv
+    params = submit.make_context("submit", argv[3:]).params
+    assert params["address"] and params["working_dir"] == "."  # submitted from the checkout
+    check_entrypoint(list(params["entrypoint"]), shared)
+
+
+def torchrun_args(argv: list[str]):
+    """torchrun's own parser (torch.distributed.run) on a torchrun command line."""
+    from torch.distributed.run import parse_args as torchrun_parse
+
+    assert Path(argv[0]).name == "torchrun", argv
+    return torchrun_parse(argv[1:])
+
+
+def deepspeed_args(argv: list[str]):
+    """The deepspeed launcher's own parser on a deepspeed command line."""
+    from deepspeed.launcher.runner import parse_args as deepspeed_parse
+
+    assert argv[0] == "deepspeed", argv
+    return deepspeed_parse(argv[1:])
+
+
+def mounts(pod_spec: dict) -> dict[str, str]:
+    """{mountPath: claimName} of the pod's containers' mounts backed by a PersistentVolumeClaim."""
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod_spec.get("volumes", [])
+              if "persistentVolumeClaim" in v}
+    declared = {v["name"] for v in pod_spec.get("volumes", [])}
+    out = {}
+    for container in pod_spec["containers"]:
+        for m in container.get("volumeMounts", []):
+            assert m["name"] in declared, m
+            if m["name"] in claims:
+                out[m["mountPath"]] = claims[m["name"]]
+    return out
+
+
+def check_placeholders(pod_spec: dict) -> None:
+    """Image and claims are placeholders marked REPLACE_ME (nobody applies the spec unedited by mistake)."""
+    for container in pod_spec["containers"]:
+        assert container["image"].startswith(PLACEHOLDER), container["image"]
+    for claim in mounts(pod_spec).values():
+        assert claim.startswith(PLACEHOLDER), claim
+
+
+def expand_k8s_vars(args: list[str], env: list[dict]) -> list[str]:
+    """Kubernetes' $(VAR) expansion in args (every variable used must be declared; values from fieldRef
+    are only known in the pod: 0 here, a valid node rank)."""
+    values = {e["name"]: str(e.get("value", "0")) for e in env}
+    used = {name for arg in args for name in re.findall(r"\$\((\w+)\)", arg)}
+    assert used <= set(values), used - set(values)
+    return [re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], arg) for arg in args]
+
+
+# --------------------------------------------------------------------------------- Kubernetes Indexed Job
+def check_k8s_job(docs: list[dict]) -> None:
+    by_kind = {d["kind"]: d for d in docs}
+    assert set(by_kind) == {"Service", "Job"}
+    service, job = by_kind["Service"], by_kind["Job"]
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
+    assert service["spec"]["clusterIP"] == "None" and pod["subdomain"] == service["metadata"]["name"]
+    assert service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    check_placeholders(pod)
+    (container,) = pod["containers"]
+    assert container["command"][0] == f"{container['workingDir']}/.venv/bin/torchrun"
+    env = container["env"]
+    run = torchrun_args([*container["command"], *expand_k8s_vars(container["args"], env)])
+    # the node rank is the pod's completion index (0 .. completions-1)
+    (rank_var,) = re.findall(r"\$\((\w+)\)", next(a for a in container["args"] if a.startswith("--node-rank")))
+    rank_env = next(e for e in env if e["name"] == rank_var)
+    assert rank_env["valueFrom"]["fieldRef"]["fieldPath"] == COMPLETION_INDEX
+    assert int(run.nnodes) == spec["completions"]
+    assert int(run.nproc_per_node) == int(container["resources"]["limits"]["nvidia.com/gpu"])
+    assert run.master_addr == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+    assert run.master_port in [p["port"] for p in service["spec"]["ports"]]
+    assert run.module and run.training_script == "training.train"
+    cfg = check_train_args(run.training_script_args)
+    check_shared_paths(cfg, set(mounts(pod)))
+    assert any(e["name"] == "MLFLOW_TRACKING_URI" for e in env)  # pods cannot see a local mlflow.db
+
+
+def _k8s_docs() -> list[dict]:
+    return list(yaml.safe_load_all((CLUSTERS / "train-k8s-job.yaml").read_text()))
+
+
+def test_kubernetes_indexed_job():
+    check_k8s_job(_k8s_docs())
+
+
+def _container(docs):
+    return next(d for d in docs if d["kind"] == "Job")["spec"]["template"]["spec"]["containers"][0]
+
+
+def _replace_arg(docs, prefix: str, new: str):
+    args = _container(docs)["args"]
+    (i,) = [i for i, a in enumerate(args) if a.startswith(prefix)]
+    args[i] = new
+    return docs
+
+
+@pytest.mark.parametrize("break_it", [
+    lambda d: _replace_arg(d, "--nproc-per-node", "--nproc-per-node=4"),           # GPUs != ranks per node
+    lambda d: _replace_arg(d, "--master-addr", "--master-addr=i2vgen-train-base"),  # not pod 0
+    lambda d: _replace_arg(d, "--node-rank", "--node-rank=$(RANK)"),                # undeclared variable
+    lambda d: _replace_arg(d, "output_dir=", "output_dir=runs/base"),               # not on the shared volume
+    lambda d: _replace_arg(d, "model.vae.path=", "model.vae.path=/data/vae"),       # neither
+    lambda d: [d[0], {**d[1], "spec": {**d[1]["spec"], "completions": 3, "parallelism": 3}}],  # pods != --nnodes
+    lambda d: _replace_arg(d, "--nnodes", "--nnodez=2"),                            # torchrun rejects it
+])
+def test_kubernetes_check_catches_broken_specs(break_it):
+    with pytest.raises((AssertionError, SystemExit)):
+        check_k8s_job(break_it(copy.deepcopy(_k8s_docs())))
+
+
+def test_a_bad_override_in_a_spec_is_a_config_error():
+    docs = _replace_arg(_k8s_docs(), "data.shards=", "data.shardz=[/shared/curated]")
+    with pytest.raises(ConfigError, match="shardz"):
+        check_k8s_job(docs)
+
+
+# ------------------------------------------------------------------------------------- DeepSpeed hostfile
+def test_deepspeed_hostfile_and_its_launch_commands():
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    path = CLUSTERS / "train-hostfile.example"
+    hosts = fetch_hostfile(str(path))  # DeepSpeed's own hostfile reader
+    assert hosts and all(h.startswith(PLACEHOLDER) for h in hosts)
+    commands = {argv[0]: argv for argv in comment_commands(path)}
+    assert set(commands) == {"deepspeed", "torchrun"}
+    ds = deepspeed_args(commands["deepspeed"])
+    assert Path(ds.hostfile) == path.relative_to(REPO)
+    assert ds.num_nodes == len(hosts) and all(slots == ds.num_gpus for slots in hosts.values())
+    assert ds.master_addr == next(iter(hosts)) and ds.module and ds.user_script == "training.train"
+    # the launcher appends --local_rank to every rank's arguments; training.train must accept it
+    check_shared_paths(check_train_args([*ds.user_args, "--local_rank=3"]), {"/shared"})
+    tr = torchrun_args(commands["torchrun"])
+    assert int(tr.nnodes) == len(hosts) and int(tr.nproc_per_node) == ds.num_gpus
+    assert tr.master_addr == ds.master_addr and tr.module and tr.training_script == "training.train"
+    assert tr.training_script_args == ds.user_args  # the same job either way
+
+
+# --------------------------------------------------------------------------------------- KubeRay RayJob
+def check_rayjob(job: dict) -> None:
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec, cluster = job["spec"], job["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    groups = cluster["workerGroupSpecs"]
+    pods = [head, *[g["template"]["spec"] for g in groups]]
+    for pod in pods:
+        check_placeholders(pod)
+    shared = set.intersection(*[set(mounts(p)) for p in pods])  # what the driver and every worker see
+    # entrypoint: `cd <workingDir> && .venv/bin/python -m training.ray_train ...` (run by a shell)
+    cd, command = (shlex.split(part) for part in spec["entrypoint"].split("&&"))
+    assert cd[0] == "cd" and all(c["workingDir"] == cd[1] for p in pods for c in p["containers"])
+    module, args = python_module(command)
+    assert module == "training.ray_train"
+    launch, cfg = check_ray_train_args(args)
+    check_shared_paths(cfg, shared)
+    assert launch.cpus_per_worker >= 1 + cfg.data.num_workers  # the rank + its loader processes
+    assert cluster["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0"  # no rank on the head
+    limits = [(g["replicas"], g["template"]["spec"]["containers"][0]["resources"]["limits"]) for g in groups]
+    gpus = sum(n * int(lim.get("nvidia.com/gpu", 0)) for n, lim in limits)
+    cpus = sum(n * float(lim["cpu"]) for n, lim in limits)
+    assert launch.workers * launch.gpus_per_worker == gpus  # one rank per GPU, none idle
+    assert launch.workers * launch.cpus_per_worker <= cpus
+    assert all(g["replicas"] == g["minReplicas"] == g["maxReplicas"] for g in groups)  # a fixed world size
+    env = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
+    assert "MLFLOW_TRACKING_URI" in env
+
+
+def test_rayjob_and_the_ray_job_submit_command():
+    path = CLUSTERS / "train-rayjob.yaml"
+    job = yaml.safe_load(path.read_text())
+    check_rayjob(job)
+    (submit,) = comment_commands(path)
+    check_ray_job_submit(submit, {"/shared"})
+    entry = submit[submit.index("--") + 1:]
+    assert entry[3:] == shlex.split(job["spec"]["entrypoint"].split("&&")[1])[3:]  # the same job
+
+
+def _entrypoint(old: str, new: str):
+    def change(job: dict) -> None:
+        assert old in job["spec"]["entrypoint"]
+        job["spec"]["entrypoint"] = job["spec"]["entrypoint"].replace(old, new)
+    return change
+
+
+def _unmount_head(job: dict) -> None:
+    job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].pop("volumeMounts")
+
+
+@pytest.mark.parametrize("change", [
+    _entrypoint("--workers 16", "--workers 32"),                 # more ranks than GPUs
+    _entrypoint("--gpus-per-worker 1", "--gpus-per-worker 0"),   # CPU ranks, GPUs idle
+    _entrypoint("--cpus-per-worker 8", "--cpus-per-worker 2"),   # a rank + 6 loader processes on 2 CPUs
+    _entrypoint("--workers 16", "--worker 16"),                  # a typo: no abbreviation, training.train rejects it
+    _unmount_head,                                               # the driver cannot see /shared
+])
+def test_rayjob_check_catches_broken_specs(change):
+    job = yaml.safe_load((CLUSTERS / "train-rayjob.yaml").read_text())
+    change(job)
+    with pytest.raises((AssertionError, SystemExit)):
+        check_rayjob(job)
+
+
+# ------------------------------------------------------------------- curation cluster (ray cluster launcher)
+def test_curation_cluster_launcher_spec():
+    path = CLUSTERS / "ray-cluster.yaml"
+    spec = yaml.safe_load(path.read_text())
+    assert spec["provider"]["type"] == "local" and spec["min_workers"] == len(spec["provider"]["worker_ips"])
+    commands = comment_commands(path)
+    assert [c[:2] for c in commands] == [["ray", "up"], ["ray", "job"], ["ray", "down"]]
+    assert all(Path(c[2]) == path.relative_to(REPO) for c in (commands[0], commands[2]))
+    check_ray_job_submit(commands[1], {"/shared"})
+    # every node starts Ray from the checkout the head syncs to it
+    (mount,) = spec["file_mounts"]
+    for command in [*spec["setup_commands"], *spec["head_start_ray_commands"], *spec["worker_start_ray_commands"]]:
+        assert command.startswith(f"cd {mount} && ")
+
+
+# --------------------------------------------------------------------------------------- every spec
+CHECKED = {"train-k8s-job.yaml", "train-hostfile.example", "train-rayjob.yaml", "ray-cluster.yaml"}
+
+
+def test_every_spec_in_clusters_is_checked_here():
+    assert {p.name for p in CLUSTERS.iterdir()} == CHECKED
+
+
+def test_comment_commands_reads_continued_lines(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("# intro\n#   torchrun --nnodes 2 \\\n#       -m training.train --config a.yaml x=1\n"
+                    "# deepspeed is mentioned in prose\nkey: 1\n#   ray down c.yaml   # a note\n")
+    assert comment_commands(spec) == [["torchrun", "--nnodes", "2", "-m", "training.train", "--config", "a.yaml",
+                                       "x=1"], ["ray", "down", "c.yaml"]]
