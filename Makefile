@@ -14,6 +14,9 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PYTHONPATH := $(CURDIR)
+# The venv's tools first (its ninja too): DeepSpeed's JIT extension build records the ninja it ran with, and
+# a different ninja on a later run (Ray workers put the venv first) would rebuild it.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup curate demo train-base train-refine test test-unit test-integration bench clean
 
