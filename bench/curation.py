@@ -242,14 +242,17 @@ class CpuMeter:
         return before, after
 
 
-def run_pipeline(input_dir: Path, out_dir: Path, address: str, meter: CpuMeter | None = None) -> tuple[float, dict, float]:
-    """(c): seconds, stats.json, and the driver's own CPU-seconds (user + system, from its exit status)."""
+def run_pipeline(input_dir: Path, out_dir: Path, address: str, meter: CpuMeter | None = None,
+                 overrides: list[str] | None = None) -> tuple[float, dict, float]:
+    """(c): seconds, stats.json, and the driver's own CPU-seconds (user + system, from its exit status).
+    `overrides`: config settings (key=value) for pipeline.curate."""
     env = ray_env(RAY_ADDRESS=address, PYTHONPATH=str(REPO))
     log = out_dir.with_name(out_dir.name + ".log")
     start = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.curate", "--input", str(input_dir),
-                                 "--output", str(out_dir)], env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+                                 "--output", str(out_dir), *(overrides or [])], env=env, cwd=REPO, stdout=fh,
+                                stderr=subprocess.STDOUT)
         if meter is not None:
             meter.add_root(proc.pid)
         _, status, usage = os.wait4(proc.pid, 0)  # wait4: the exit status and the driver's CPU time
@@ -290,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temp folder with all outputs")
     parser.add_argument("--cpu", action="store_true",
                         help="also count the CPU-seconds of (a) and of (c) by process role (psutil polling)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config setting for (c) and its warm-up job, e.g. --set job.sources_per_actor=2 "
+                             "(repeatable; default: the job's defaults)")
     args = parser.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-curation-"))
@@ -310,10 +316,10 @@ def main(argv: list[str] | None = None) -> int:
             warm_in.mkdir()
             shortest = min(videos, key=lambda v: v.resolve().stat().st_size)
             (warm_in / shortest.name).symlink_to(shortest.resolve())
-            t_warm, _, _ = run_pipeline(warm_in, tmp / "warmup-out", head.address)
+            t_warm, _, _ = run_pipeline(warm_in, tmp / "warmup-out", head.address, overrides=args.set)
             t_teardown = wait_job_workers_gone(head)
             meter = CpuMeter([head.proc.pid]).start() if args.cpu else None
-            t_pipe, stats, cpu_driver = run_pipeline(inputs, tmp / "curated", head.address, meter)
+            t_pipe, stats, cpu_driver = run_pipeline(inputs, tmp / "curated", head.address, meter, args.set)
             if meter is not None:
                 wait_job_workers_gone(head)  # the actors' teardown, counted apart
                 cpu_job, cpu_after = meter.stop()
@@ -331,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         ("(c) pipeline.curate end to end", t_pipe),
     ]
     print(f"{len(videos)} videos ({args.repeat}x each of {args.input}), {frames} decoded frames, "
-          f"{args.workers} workers")
+          f"{args.workers} workers" + (f"; (c) with {' '.join(args.set)}" if args.set else ""))
     print(f"{'run':48s} {'seconds':>9s} {'frames/s':>9s}")
     for name, seconds in rows:
         print(f"{name:48s} {seconds:9.2f} {frames / seconds:9.1f}")
@@ -339,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
           f"+ {t_teardown:.2f} s until its actors exited; "
           f"scenedetect failures: {scd_failures}; ffmpeg: {ffmpeg})")
     result = {
-        "videos": len(videos), "frames": frames, "workers": args.workers,
+        "videos": len(videos), "frames": frames, "workers": args.workers, "settings": args.set,
         "bare_decode_s": round(t_decode, 3), "scenedetect_s": round(t_scd, 3), "pipeline_s": round(t_pipe, 3),
         "pyav_decode_s": round(t_pyav, 3), "ray_start_s": round(t_ray, 3), "warmup_job_s": round(t_warm, 3),
         "warmup_teardown_s": round(t_teardown, 3),
