@@ -1,10 +1,11 @@
 """Plain OpenCLIP ViT models (ViT-H-14 and the other ViT-* configs open_clip ships, and the tiny test CLIP)
 built with torch alone, for the caption-frame similarity.
 
-Why not open_clip itself: importing it costs ~1.6 CPU-s per process on top of torch (its package imports
-every submodule; `open_clip.utils` imports torchvision, whose ops import torch._dynamo, and open_clip
-imports timm), and every stage-1 actor of the curation job pays it. Scoring needs only `encode_image` and
-`encode_text` of a plain ViT CLIP, which this module builds:
+Why not open_clip itself: its package imports every submodule, so using any of it imports torchvision
+(`open_clip.utils` needs it, and torchvision's ops import torch._dynamo) and timm, which cost more start-up
+than torch itself and which scoring never uses; every stage-1 actor of the curation job would pay for them
+(bench.curation --cpu shows the actors' CPU). Scoring needs only `encode_image` and `encode_text` of a plain
+ViT CLIP, which this module builds:
 
 - the architecture from open_clip's own config (its packaged JSON, or an in-code dict), only when every
   setting in it is one this module implements (`is_plain`); anything else (timm or Hugging Face towers,

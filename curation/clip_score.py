@@ -8,9 +8,9 @@ so nothing is ever downloaded. `model="tiny-random"` builds a tiny randomly init
 demo; its scores mean nothing (`random_weights` is True) and the pipeline must not filter on them.
 
 Plain ViT CLIPs (ViT-H-14, the other ViT-* configs open_clip ships, tiny-random) are built by
-curation.clip_model, in torch alone: the same weights, tokens and embeddings as open_clip's, without its
-~1.6 CPU-s of imports in every actor, and a checkpoint is assigned to a model built on the meta device
-(no random initialisation first). Every other architecture, and a checkpoint that does not fit the plain
+curation.clip_model, in torch alone: the same weights, tokens and embeddings as open_clip's, without
+importing open_clip (and with it torchvision, torch._dynamo and timm) in every actor, and a checkpoint is
+assigned to a model built on the meta device (no random initialisation first). Every other architecture, and a checkpoint that does not fit the plain
 model exactly (open_clip converts or resizes some), goes through open_clip (`create_model(pretrained=None)`
 + `load_checkpoint`).
 
