@@ -202,9 +202,9 @@ class CpuMeter:
             try:
                 key = (p.pid, p.create_time())
                 times = p.cpu_times()
-                role = self._last[key][0] if key in self._last else process_role(" ".join(p.cmdline()))
-                if role == "Ray (services, idle workers)":  # an idle worker may become an actor later
-                    role = process_role(" ".join(p.cmdline()))
+                # read every time: a forked child shows its parent's command line until it execs, and an
+                # idle Ray worker takes an actor's name when it becomes one (the last name seen counts)
+                role = process_role(" ".join(p.cmdline()))
             except self._psutil.Error:
                 continue  # vanished while being read
             self._last[key] = (role, times.user + times.system)

@@ -56,3 +56,15 @@ def test_children_cpu_counts_waited_children():
     cpu0 = children_cpu()
     subprocess.run([sys.executable, "-c", BURN.format(s=0.3, idle=0)], check=True)
     assert 0.3 <= children_cpu() - cpu0 < 1.5
+
+
+def test_a_process_counts_under_the_role_it_execs_into():
+    """A forked child shows its parent's command line until it execs (subprocess.Popen starts decoders that
+    way): the role follows the command line it ends with."""
+    code = ("import os, sys, time\ntime.sleep(0.3)\n"
+            f"os.execv(sys.executable, [sys.executable, '-c', {BURN.format(s=0.3, idle=0.3)!r}, 'curation.decode_worker'])\n")
+    child = subprocess.Popen([sys.executable, "-c", code, "pipeline.curate"])  # looks like the driver at first
+    meter = CpuMeter([child.pid], interval=0.02).start()
+    child.wait()
+    before, _ = meter.stop()
+    assert before.get("decoders", 0.0) >= 0.25 and "driver" not in before, before
