@@ -203,10 +203,12 @@ class CpuMeter:
                 key = (p.pid, p.create_time())
                 times = p.cpu_times()
                 # read every time: a forked child shows its parent's command line until it execs, and an
-                # idle Ray worker takes an actor's name when it becomes one (the last name seen counts)
-                role = process_role(" ".join(p.cmdline()))
+                # idle Ray worker takes an actor's name when it becomes one (the last name seen counts; a
+                # process on its way out shows an empty one and keeps its role)
+                cmdline = " ".join(p.cmdline())
             except self._psutil.Error:
                 continue  # vanished while being read
+            role = process_role(cmdline) if cmdline else self._last.get(key, ("Ray (services, idle workers)",))[0]
             self._last[key] = (role, times.user + times.system)
 
     def _run(self) -> None:
