@@ -19,6 +19,13 @@
 
 Prints a table, then, last, one JSON line with `speedup_vs_scenedetect` = (b)/(c) and
 `fraction_of_decode` = (a)/(c) (1.0 would mean curation costs no more than decoding).
+
+`--cpu` also counts CPU-seconds (user + system): of (a)'s worker processes (from their exit), and of (c) by
+process role: the driver (exact, from its exit status) and, polled with psutil every 0.1 s, the stage-1
+actors, their decoder processes, open_clip actors, Ray Data's service actors and Ray itself (processes
+started before (c) count from their CPU at its start). What the actors spend after the driver has exited
+(their teardown, not part of (c)'s time) is counted apart. A loaded machine stretches (c)'s time but hardly
+its CPU-seconds: on a shared machine compare those (`fraction_of_decode_cpu` = CPU of (a) / CPU of (c)).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -87,11 +95,22 @@ def _decode_pyav(path: str) -> int:
         return sum(1 for _ in container.decode(stream))
 
 
-def run_bare_decode(videos: list[Path], workers: int, fn=_decode_all) -> tuple[float, int]:
+def children_cpu() -> float:
+    """CPU-seconds (user + system) of this process's children that have exited and been waited for."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_bare_decode(videos: list[Path], workers: int, fn=_decode_all) -> tuple[float, int, float]:
+    """(seconds, frames, CPU-seconds of the worker processes)."""
+    cpu0 = children_cpu()
     start = time.perf_counter()
     with ProcessPoolExecutor(workers) as pool:
         frames = sum(pool.map(fn, [str(v) for v in videos]))
-    return time.perf_counter() - start, frames
+    elapsed = time.perf_counter() - start
+    return elapsed, frames, children_cpu() - cpu0  # the pool's workers are joined (waited for) on exit
 
 
 def _scenedetect_one(args: tuple[str, str]) -> int:
@@ -129,15 +148,123 @@ def run_scenedetect_cli(videos: list[Path], workers: int, out_dir: Path) -> tupl
     return time.perf_counter() - start, failures
 
 
-def run_pipeline(input_dir: Path, out_dir: Path, address: str) -> tuple[float, dict]:
+# (role, text in the command line), first match wins; anything else under the head is Ray's own
+ROLE_MARKERS = (
+    ("driver", "pipeline.curate"),
+    ("decoders", "curation.decode_worker"),
+    ("stage-1 actors", "ProcessSources"),
+    ("open_clip actors", "ScoreClips"),
+    ("Ray Data service actors", "ray::_StatsActor"),
+    ("Ray Data service actors", "ray::ActorLocationTracker"),
+    ("Ray Data service actors", "ray::_AutoscalingCoordinatorActor"),
+)
+
+
+def process_role(cmdline: str) -> str:
+    """The bench's name for a process of (c), from its command line."""
+    for role, marker in ROLE_MARKERS:
+        if marker in cmdline:
+            return role
+    return "Ray (services, idle workers)"
+
+
+class CpuMeter:
+    """CPU-seconds (user + system) of every process under `roots`, by role, polled on a thread.
+
+    A process that existed at start() counts from its CPU then. A process that ends between two polls
+    loses what it spent since the last one (at most `interval` seconds' worth per core). `mark()` splits the count:
+    `before` is up to the mark, `after` from it to stop().
+    """
+
+    def __init__(self, roots: list[int], interval: float = 0.1):
+        import psutil
+
+        self._psutil = psutil
+        self.roots, self.interval = list(roots), interval
+        self._base: dict[tuple[int, float], float] = {}
+        self._last: dict[tuple[int, float], tuple[str, float]] = {}
+        self._at_mark: dict[tuple[int, float], float] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-meter", daemon=True)
+
+    def _processes(self):
+        procs = []
+        for pid in self.roots:
+            try:
+                root = self._psutil.Process(pid)
+                procs += [root, *root.children(recursive=True)]
+            except self._psutil.Error:
+                continue  # a root that has exited
+        return procs
+
+    def _poll(self) -> None:
+        for p in self._processes():
+            try:
+                key = (p.pid, p.create_time())
+                times = p.cpu_times()
+                # read every time: a forked child shows its parent's command line until it execs, and an
+                # idle Ray worker takes an actor's name when it becomes one (the last name seen counts; a
+                # process on its way out shows an empty one and keeps its role)
+                cmdline = " ".join(p.cmdline())
+            except self._psutil.Error:
+                continue  # vanished while being read
+            role = process_role(cmdline) if cmdline else self._last.get(key, ("Ray (services, idle workers)",))[0]
+            self._last[key] = (role, times.user + times.system)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._poll()
+
+    def start(self) -> "CpuMeter":
+        self._poll()
+        self._base = {key: cpu for key, (_, cpu) in self._last.items()}
+        self._thread.start()
+        return self
+
+    def add_root(self, pid: int) -> None:
+        self.roots.append(pid)
+
+    def mark(self) -> None:
+        self._poll()
+        self._at_mark = {key: cpu for key, (_, cpu) in self._last.items()}
+
+    def stop(self) -> tuple[dict[str, float], dict[str, float]]:
+        """({role: CPU-s up to the mark}, {role: CPU-s after it}); without a mark everything is `before`."""
+        self._stop.set()
+        self._thread.join()
+        self._poll()
+        before: dict[str, float] = {}
+        after: dict[str, float] = {}
+        for key, (role, cpu) in self._last.items():
+            start = self._base.get(key, 0.0)
+            # no mark: all of it is `before`; born after the mark: all of it is `after`
+            mark = cpu if self._at_mark is None else self._at_mark.get(key, 0.0)
+            before[role] = before.get(role, 0.0) + max(0.0, mark - start)
+            after[role] = after.get(role, 0.0) + max(0.0, cpu - max(mark, start))
+        return before, after
+
+
+def run_pipeline(input_dir: Path, out_dir: Path, address: str, meter: CpuMeter | None = None,
+                 overrides: list[str] | None = None) -> tuple[float, dict, float]:
+    """(c): seconds, stats.json, and the driver's own CPU-seconds (user + system, from its exit status).
+    `overrides`: config settings (key=value) for pipeline.curate."""
     env = ray_env(RAY_ADDRESS=address, PYTHONPATH=str(REPO))
+    log = out_dir.with_name(out_dir.name + ".log")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pipeline.curate", "--input", str(input_dir),
-                           "--output", str(out_dir)], env=env, cwd=REPO, capture_output=True, text=True)
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.curate", "--input", str(input_dir),
+                                 "--output", str(out_dir), *(overrides or [])], env=env, cwd=REPO, stdout=fh,
+                                stderr=subprocess.STDOUT)
+        if meter is not None:
+            meter.add_root(proc.pid)
+        _, status, usage = os.wait4(proc.pid, 0)  # wait4: the exit status and the driver's CPU time
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if meter is not None:
+            meter.mark()
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"(c) pipeline failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return elapsed, json.loads((out_dir / "stats.json").read_text())
+        raise SystemExit(f"(c) pipeline failed (rc={proc.returncode}):\n{log.read_text()[-6000:]}")
+    return elapsed, json.loads((out_dir / "stats.json").read_text()), usage.ru_utime + usage.ru_stime
 
 
 def wait_job_workers_gone(head, timeout: float = 30.0) -> float:
@@ -166,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="each input video appears this many times (a bigger job, so one-off start-up "
                              "costs weigh as they do on a real dataset; default 3)")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder with all outputs")
+    parser.add_argument("--cpu", action="store_true",
+                        help="also count the CPU-seconds of (a) and of (c) by process role (psutil polling)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config setting for (c) and its warm-up job, e.g. --set job.sources_per_actor=2 "
+                             "(repeatable; default: the job's defaults)")
     args = parser.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-curation-"))
@@ -175,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no videos under {args.input}")
     try:
         ffmpeg = ensure_ffmpeg(tmp / "bin")  # before any timing: fail early when (b) cannot run
-        t_decode, frames = run_bare_decode(videos, args.workers)
-        t_pyav, _ = run_bare_decode(videos, args.workers, _decode_pyav)
+        t_decode, frames, cpu_decode = run_bare_decode(videos, args.workers)
+        t_pyav, _, _ = run_bare_decode(videos, args.workers, _decode_pyav)
         t_scd, scd_failures = run_scenedetect_cli(videos, args.workers, tmp / "scenedetect")
         t0 = time.perf_counter()
         head = start_head(num_cpus=args.workers)
@@ -186,9 +318,14 @@ def main(argv: list[str] | None = None) -> int:
             warm_in.mkdir()
             shortest = min(videos, key=lambda v: v.resolve().stat().st_size)
             (warm_in / shortest.name).symlink_to(shortest.resolve())
-            t_warm, _ = run_pipeline(warm_in, tmp / "warmup-out", head.address)
+            t_warm, _, _ = run_pipeline(warm_in, tmp / "warmup-out", head.address, overrides=args.set)
             t_teardown = wait_job_workers_gone(head)
-            t_pipe, stats = run_pipeline(inputs, tmp / "curated", head.address)
+            meter = CpuMeter([head.proc.pid]).start() if args.cpu else None
+            t_pipe, stats, cpu_driver = run_pipeline(inputs, tmp / "curated", head.address, meter, args.set)
+            if meter is not None:
+                wait_job_workers_gone(head)  # the actors' teardown, counted apart
+                cpu_job, cpu_after = meter.stop()
+                cpu_job["driver"] = cpu_driver  # exact (wait4), where polling misses its last moments
         finally:
             head.stop()
     finally:
@@ -202,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         ("(c) pipeline.curate end to end", t_pipe),
     ]
     print(f"{len(videos)} videos ({args.repeat}x each of {args.input}), {frames} decoded frames, "
-          f"{args.workers} workers")
+          f"{args.workers} workers" + (f"; (c) with {' '.join(args.set)}" if args.set else ""))
     print(f"{'run':48s} {'seconds':>9s} {'frames/s':>9s}")
     for name, seconds in rows:
         print(f"{name:48s} {seconds:9.2f} {frames / seconds:9.1f}")
@@ -210,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
           f"+ {t_teardown:.2f} s until its actors exited; "
           f"scenedetect failures: {scd_failures}; ffmpeg: {ffmpeg})")
     result = {
-        "videos": len(videos), "frames": frames, "workers": args.workers,
+        "videos": len(videos), "frames": frames, "workers": args.workers, "settings": args.set,
         "bare_decode_s": round(t_decode, 3), "scenedetect_s": round(t_scd, 3), "pipeline_s": round(t_pipe, 3),
         "pyav_decode_s": round(t_pyav, 3), "ray_start_s": round(t_ray, 3), "warmup_job_s": round(t_warm, 3),
         "warmup_teardown_s": round(t_teardown, 3),
@@ -219,6 +356,15 @@ def main(argv: list[str] | None = None) -> int:
         "fraction_of_decode": round(t_decode / t_pipe, 3),
         "fraction_of_pyav_decode": round(t_pyav / t_pipe, 3), "ffmpeg": ffmpeg,
     }
+    if args.cpu:
+        total = sum(cpu_job.values())
+        print(f"CPU-seconds: (a) {cpu_decode:.2f}; (c) {total:.2f} until the driver exited, of which "
+              + ", ".join(f"{role} {cpu:.2f}" for role, cpu in sorted(cpu_job.items(), key=lambda kv: -kv[1]))
+              + f"; after it exited (actor teardown, not in (c)'s time): {sum(cpu_after.values()):.2f}")
+        result.update(bare_decode_cpu_s=round(cpu_decode, 2), pipeline_cpu_s=round(total, 2),
+                      pipeline_cpu_by_role={role: round(cpu, 2) for role, cpu in sorted(cpu_job.items())},
+                      pipeline_cpu_after_exit_s=round(sum(cpu_after.values()), 2),
+                      fraction_of_decode_cpu=round(cpu_decode / total, 3))
     print(json.dumps(result))
     return 0
 

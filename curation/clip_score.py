@@ -3,11 +3,16 @@
 `ClipScorer` loads an open_clip model once (once per Ray actor), embeds a few frames per clip and the
 caption, and `clip_similarity` is the cosine between the mean frame embedding and the caption embedding.
 
-Weights come only from a local file (`scores.clip.checkpoint`): the model is built with
-`pretrained=None` and the checkpoint is loaded with `open_clip.load_checkpoint` (safetensors, or
-`torch.load(weights_only=True)`), so nothing is ever downloaded. `model="tiny-random"` builds a tiny
-randomly initialised CLIP for tests and the demo; its scores mean nothing (`random_weights` is True) and the
-pipeline must not filter on them.
+Weights come only from a local file (`scores.clip.checkpoint`: safetensors, or `torch.load(weights_only=True)`),
+so nothing is ever downloaded. `model="tiny-random"` builds a tiny randomly initialised CLIP for tests and the
+demo; its scores mean nothing (`random_weights` is True) and the pipeline must not filter on them.
+
+Plain ViT CLIPs (ViT-H-14, the other ViT-* configs open_clip ships, tiny-random) are built by
+curation.clip_model, in torch alone: the same weights, tokens and embeddings as open_clip's, without
+importing open_clip (and with it torchvision, torch._dynamo and timm) in every actor, and a checkpoint is
+assigned to a model built on the meta device (no random initialisation first). Every other architecture, and a checkpoint that does not fit the plain
+model exactly (open_clip converts or resizes some), goes through open_clip (`create_model(pretrained=None)`
++ `load_checkpoint`).
 
 Shapes: frames (K, H, W, 3) uint8 RGB -> image embeddings (K, D) float32, rows L2-normalised;
 texts list[str] of length T -> (T, D) float32.
@@ -15,6 +20,7 @@ texts list[str] of length T -> (T, D) float32.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib.util
 import json
@@ -40,6 +46,9 @@ if TYPE_CHECKING:
 # the driver and by every stage-1 actor, which never build a CLIP (importing both costs ~3 s of start-up).
 
 TINY_MODEL = "tiny-random"
+OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
+"""open_clip's default image normalisation (open_clip.constants; what its plain ViT configs use)."""
+OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
 
 ClipDevice = Literal["auto", "cpu", "cuda"]
 """Where open_clip runs. No "cuda:N": a Ray actor sees only the GPU Ray gave it, as "cuda"."""
@@ -73,6 +82,21 @@ class ClipScoreConfig:
     """"auto" (float16 on cuda, float32 on cpu), "float32", "bfloat16" or "float16"."""
 
 
+def _open_clip_model(cfg: ClipScoreConfig, checkpoint: Path | None):
+    """(model, tokenizer, preprocess config) built by open_clip: the architectures curation.clip_model does
+    not build, and checkpoints that need open_clip's conversions."""
+    import open_clip
+
+    if cfg.model == TINY_MODEL:
+        _register_tiny_model()
+    # pretrained=None: open_clip builds the architecture only and never looks up a tag or a hub.
+    model = open_clip.create_model(cfg.model, pretrained=None, device="cpu")
+    if checkpoint is not None:
+        # strict=True: a checkpoint of another architecture fails loudly instead of half-loading.
+        open_clip.load_checkpoint(model, str(checkpoint), strict=True, weights_only=True)
+    return model, open_clip.get_tokenizer(cfg.model), open_clip.get_model_preprocess_cfg(model)
+
+
 def _register_tiny_model() -> None:
     """Register TINY_MODEL_CFG as an open_clip model config (once per process)."""
     import open_clip
@@ -86,14 +110,30 @@ def _register_tiny_model() -> None:
         open_clip.add_model_config(path)
 
 
-def known_models() -> list[str]:
-    """open_clip's architecture names (the model configs it ships), read without importing open_clip,
-    which takes seconds: the driver checks scores.clip.model with this before any work."""
+def open_clip_folder() -> Path:
+    """The installed open_clip package's folder, found without importing it (that takes seconds)."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("scores.clip: the open_clip package is not installed")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model_configs"
-    return sorted(p.stem for p in folder.glob("*.json"))
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _configs_folder() -> Path:
+    return open_clip_folder() / "model_configs"
+
+
+def known_models() -> list[str]:
+    """open_clip's architecture names (the model configs it ships), read without importing open_clip,
+    which takes seconds: the driver checks scores.clip.model with this before any work."""
+    return sorted(p.stem for p in _configs_folder().glob("*.json"))
+
+
+def architecture(model: str) -> dict:
+    """The open_clip model config (embed_dim, vision_cfg, text_cfg, ...) of `model`: TINY_MODEL_CFG for
+    tiny-random, else the JSON open_clip ships (read without importing open_clip)."""
+    if model == TINY_MODEL:
+        return copy.deepcopy(TINY_MODEL_CFG)
+    return json.loads((_configs_folder() / f"{model}.json").read_text())
 
 
 def validate_clip_config(cfg: ClipScoreConfig) -> None:
@@ -185,25 +225,28 @@ class ClipScorer:
 
     def __init__(self, cfg: ClipScoreConfig):
         validate_clip_config(cfg)
-        import open_clip
         import torch
+
+        from curation import clip_model
 
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_precision(cfg.precision, self.device)
-        if cfg.model == TINY_MODEL:
-            _register_tiny_model()
+        arch = architecture(cfg.model)
         checkpoint = checkpoint_path(cfg)
-        # pretrained=None: open_clip builds the architecture only and never looks up a tag or a hub.
-        model = open_clip.create_model(cfg.model, pretrained=None, device="cpu")
-        if checkpoint is not None:
-            # strict=True: a checkpoint of another architecture fails loudly instead of half-loading.
-            open_clip.load_checkpoint(model, str(checkpoint), strict=True, weights_only=True)
+        model = None
+        if clip_model.is_plain(arch):
+            model = (clip_model.build(arch) if checkpoint is None
+                     else clip_model.load(arch, clip_model.read_checkpoint(checkpoint)))
+        if model is not None:
+            self.tokenizer = clip_model.Tokenizer(open_clip_folder() / "bpe_simple_vocab_16e6.txt.gz",
+                                                  model.context_length)
+            pp: dict = {}  # open_clip's default preprocessing, which its plain configs use
+        else:  # open_clip reads the file itself (and converts or resizes what it can)
+            model, self.tokenizer, pp = _open_clip_model(cfg, checkpoint)
         self.random_weights: bool = checkpoint is None
         """True when no weights were loaded (tiny-random without checkpoint): scores are meaningless."""
         self.model = model.to(self.device, dtype=self.dtype).eval()
-        self.tokenizer = open_clip.get_tokenizer(cfg.model)
-        pp = open_clip.get_model_preprocess_cfg(model)
         size = pp.get("size", model.visual.image_size)
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
         self.resize_mode = pp.get("resize_mode", "shortest")
@@ -211,8 +254,8 @@ class ClipScorer:
             raise ConfigError(f"scores.clip.model: open_clip resize_mode {self.resize_mode!r} is not supported")
         self.interpolation = "bilinear" if pp.get("interpolation") == "bilinear" else "bicubic"
         shape = (1, 3, 1, 1)
-        self.mean = torch.tensor(pp.get("mean", open_clip.OPENAI_DATASET_MEAN), device=self.device).view(shape)
-        self.std = torch.tensor(pp.get("std", open_clip.OPENAI_DATASET_STD), device=self.device).view(shape)
+        self.mean = torch.tensor(pp.get("mean", OPENAI_DATASET_MEAN), device=self.device).view(shape)
+        self.std = torch.tensor(pp.get("std", OPENAI_DATASET_STD), device=self.device).view(shape)
         self.embed_dim = int(model.text_projection.shape[-1]) if model.text_projection is not None else None
 
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:
