@@ -15,14 +15,14 @@ import cv2
 import numpy as np
 
 
-def thumbnails(small: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(N,9,16,3) float32 HSV thumbnails and (N,) mean brightness (HSV value) of the small frames."""
-    thumbs = np.empty((len(small), 9, 16, 3), np.float32)
-    luma = np.empty(len(small), np.float32)
-    for i, frame in enumerate(small):
-        hsv = cv2.cvtColor(frame, cv2.COLOR_RGB2HSV)
-        luma[i] = hsv[..., 2].mean()
-        thumbs[i] = cv2.resize(hsv, (16, 9), interpolation=cv2.INTER_AREA)
+def thumbnails(hsv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N,9,16,3) float32 HSV thumbnails and (N,) mean brightness (HSV value) of the small frames, given as
+    HSV (`curation.content_score.hsv_frames`, which shot detection converts once for its scores too)."""
+    thumbs = np.empty((len(hsv), 9, 16, 3), np.float32)
+    luma = np.empty(len(hsv), np.float32)
+    for i, frame in enumerate(hsv):
+        luma[i] = frame[..., 2].mean()
+        thumbs[i] = cv2.resize(frame, (16, 9), interpolation=cv2.INTER_AREA)
     return thumbs, luma
 
 

@@ -2,8 +2,8 @@
 
 `detect_cuts` returns frame i when i is the first frame of a new shot. Every candidate is judged on its own
 evidence (curation/shot_evidence.py), measured the same way for all of them:
-  - score: PySceneDetect's content_val (HSV change vs the previous frame; the detector is fed the frames we
-    already decoded);
+  - score: PySceneDetect's content_val (HSV change vs the previous frame), computed over the whole array
+    of small frames by curation/content_score.py (bit-identical to the library's frame-by-frame loop);
   - spike: score over the mean score of the `adaptive_window` frames on each side (AdaptiveDetector's
     ratio), with the changes of flashes found nearby left out: a cut is a spike, motion is not;
   - revert ratio: whether the picture from before the change comes back within the flash window, the
@@ -12,8 +12,8 @@ evidence (curation/shot_evidence.py), measured the same way for all of them:
   - dark: both sides near black (a fade through black).
 
 Rules:
-  1. Proposals: (a) the configured PySceneDetect detector with its minimum scene length off (short shots
-     are real), so every cut the plain AdaptiveDetector proposes is a candidate here too; (b) the edges of
+  1. Proposals: (a) the configured PySceneDetect detector's decision (content_score.adaptive_cuts /
+     content_cuts, equal to the library's) with its minimum scene length off (short shots are real), so every cut the plain AdaptiveDetector proposes is a candidate here too; (b) the edges of
      bursts of change (a spike against the frames on ONE side): a cut followed 1-4 frames later by a flash
      is a burst of 3+ large changes, and a two-sided mean hides all of them; (c) strong changes
      (score >= strong_score) that are local maxima once flashes are left out: cuts inside fast motion, or
@@ -45,10 +45,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, get_args
 
-import cv2
 import numpy as np
 
 from common.dtypes import Precision
+from curation import content_score
 from curation.shot_evidence import edge_spikes, revert_test, spike_ratio, thumbnails
 
 Detector = Literal["adaptive", "content"]
@@ -179,55 +179,6 @@ class Candidate:
 # --------------------------------------------------------------------------- PySceneDetect stage
 
 
-def _make_adaptive(cfg: ShotConfig):
-    from scenedetect.detectors import AdaptiveDetector
-
-    return AdaptiveDetector(adaptive_threshold=cfg.adaptive_threshold, min_scene_len=0,
-                            window_width=cfg.adaptive_window, min_content_val=cfg.min_content_val)
-
-
-def _make_content(cfg: ShotConfig):
-    from scenedetect.detectors import ContentDetector
-
-    return ContentDetector(threshold=cfg.content_threshold, min_scene_len=0)
-
-
-_DETECTOR_FACTORIES = {"adaptive": _make_adaptive, "content": _make_content}
-
-
-def make_detector(cfg: ShotConfig):
-    """Instantiate the configured PySceneDetect detector (dict registry; unknown key -> ValueError)."""
-    try:
-        return _DETECTOR_FACTORIES[cfg.detector](cfg)
-    except KeyError:
-        raise ValueError(f"unknown detector {cfg.detector!r}: valid keys are {sorted(_DETECTOR_FACTORIES)}") from None
-
-
-def run_scenedetect(small: np.ndarray, fps: float, detector) -> tuple[np.ndarray, list[int]]:
-    """Feed RGB frames to a PySceneDetect detector; returns (content_val per frame, cut frames).
-
-    content_val is read from the detector after each frame (`_frame_score`, which AdaptiveDetector itself
-    reads from its parent) rather than through a StatsManager: with a StatsManager attached, PySceneDetect
-    also computes Canny edges of every frame for its statistics (about 40% of its time here) although the
-    default weights give edges no part in content_val. Same values either way (tested).
-    """
-    from scenedetect import FrameTimecode
-
-    fps = float(fps)  # FrameTimecode rejects ints
-    detector.stats_manager = None
-    cuts: list[int] = []
-    scores = np.zeros(len(small), np.float32)
-    tc = None
-    for i, frame in enumerate(small):
-        tc = FrameTimecode(i, fps)
-        cuts += [c.frame_num for c in detector.process_frame(tc, cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))]
-        scores[i] = detector._frame_score or 0.0
-    if tc is not None:
-        cuts += [c.frame_num for c in detector.post_process(tc)]
-    scores[:1] = 0.0  # the first frame has nothing to be compared with
-    return scores, sorted(set(c for c in cuts if 0 < c < len(small)))
-
-
 # --------------------------------------------------------------------------- second opinion
 
 
@@ -286,10 +237,20 @@ def classify_candidates(small: np.ndarray, fps: float, cfg: ShotConfig, second_o
         raise ValueError(f"small frames must be (N,H,W,3) uint8, got {small.shape}")
     if len(small) < 2:
         return []
-    scores, proposed = run_scenedetect(small, fps, make_detector(cfg))
+    # PySceneDetect's content_val and proposals, computed over the whole array (bit-identical to the
+    # library's frame-by-frame loop, which costs more in bookkeeping than in arithmetic on small frames);
+    # the same HSV frames give the thumbnails
+    hsv = content_score.hsv_frames(small)
+    values = content_score.content_values(hsv)
+    if cfg.detector == "adaptive":
+        proposed = content_score.adaptive_cuts(values, cfg.adaptive_threshold, cfg.adaptive_window,
+                                               cfg.min_content_val)
+    else:
+        proposed = content_score.content_cuts(values, cfg.content_threshold)
+    scores = values.astype(np.float32)
     w = cfg.adaptive_window
     edges = edge_spikes(scores, cfg.adaptive_threshold, w, cfg.min_content_val)
-    thumbs, luma = thumbnails(small)
+    thumbs, luma = thumbnails(hsv)
     k = cfg.flash_frames(fps)
     lo = cfg.flash_revert_ratio - cfg.doubt_margin
     hi = cfg.flash_revert_ratio + cfg.doubt_margin

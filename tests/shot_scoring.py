@@ -15,7 +15,7 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
-from curation.shots import ShotConfig, detect_cuts, run_scenedetect
+from curation.shots import ShotConfig, detect_cuts
 
 TOLERANCE = 3
 
@@ -58,6 +58,28 @@ def ours(cfg: ShotConfig | None = None, second_opinion=None) -> Detector:
     """The curation job's detector (curation.shots.detect_cuts)."""
     cfg = cfg or ShotConfig()
     return lambda small, fps: detect_cuts(small, fps, cfg, second_opinion)
+
+
+def run_scenedetect(small: np.ndarray, fps: float, detector) -> tuple[np.ndarray, list[int]]:
+    """Feed RGB frames to a PySceneDetect detector, frame by frame as the library does it; returns
+    (content_val per frame, cut frames). The anchor the curation detector is compared with; content_val
+    is read from the detector after each frame (`_frame_score`) instead of through a StatsManager, which
+    would also compute Canny edges that the default weights never use."""
+    from scenedetect import FrameTimecode
+
+    fps = float(fps)  # FrameTimecode rejects ints
+    detector.stats_manager = None
+    cuts: list[int] = []
+    scores = np.zeros(len(small), np.float32)
+    tc = None
+    for i, frame in enumerate(small):
+        tc = FrameTimecode(i, fps)
+        cuts += [c.frame_num for c in detector.process_frame(tc, cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))]
+        scores[i] = detector._frame_score or 0.0
+    if tc is not None:
+        cuts += [c.frame_num for c in detector.post_process(tc)]
+    scores[:1] = 0.0  # the first frame has nothing to be compared with
+    return scores, sorted(set(c for c in cuts if 0 < c < len(small)))
 
 
 def scenedetect_default(kind: str) -> Detector:
