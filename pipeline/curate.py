@@ -89,10 +89,11 @@ def run(input_path: str, out_dir: str, cfg: CurateConfig, items: list[InputItem]
     if todo:
         init_ray(cfg)
         plan = plan_for_cluster(cfg)  # may refuse the config: nothing in OUT has changed yet
-        shards.preload_writer()  # the shard writer's import (torch) runs while the driver waits on the stream
     t_ray = time.perf_counter() - t1
     resume.start_output(out, cfg)
-    run_stream(cfg, out, todo, plan)  # includes the actors' start (model loads)
+    # includes the actors' start (model loads); the shard writer's import (torch) runs once the stream is
+    # running, while the driver waits on it
+    run_stream(cfg, out, todo, plan, while_running=shards.preload_writer)
     t_stream = time.perf_counter() - t1 - t_ray
     t2 = time.perf_counter()
     final = finalize(cfg, out, items)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 from curation.config import CurateConfig
 from curation.inputs import InputItem, is_local
@@ -78,10 +79,15 @@ def build_stream(cfg: CurateConfig, todo: list[InputItem], plan: ActorPlan):
     return ds
 
 
-def run_stream(cfg: CurateConfig, out: Path, todo: list[InputItem], plan: ActorPlan | None) -> None:
+def run_stream(cfg: CurateConfig, out: Path, todo: list[InputItem], plan: ActorPlan | None,
+               while_running: Callable[[], object] | None = None) -> None:
     """Process `todo` on Ray and stage every finished source; sources lost to a dead worker become errors.
 
     `plan` may be None only when there is nothing to do. JobError when open_clip failed to load in an actor.
+    `while_running`: called once, when the first result arrives, to start driver work that overlaps with
+    the rest of the stream (the shard writer's import). Not before: the driver's threads share one
+    interpreter lock, and a thread importing modules while the stream is being built (importing ray.data,
+    starting the actors) slows that down several times over, and with it the start of every actor.
     """
     from pipeline.stages import CLIP_LOAD_ERROR, STAGE_BUG, decode_payload
 
@@ -92,6 +98,9 @@ def run_stream(cfg: CurateConfig, out: Path, todo: list[InputItem], plan: ActorP
             raise ValueError("run_stream needs an ActorPlan when there are sources to process")
         ds = build_stream(cfg, todo, plan)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+            if while_running is not None:
+                while_running()
+                while_running = None
             for key, payload in zip(batch["key"], batch["payload"]):
                 result: SourceResult = decode_payload(payload)
                 if result.source_row.get(CLIP_LOAD_ERROR):
