@@ -16,7 +16,8 @@ per caller, fed one source at a time through a pipe. It writes raw frames into a
 `timeout_s` gets the process SIGKILLed (`SourceError('decode timed out after N s')`); a process that dies
 from a signal becomes `SourceError('decoder crashed (SIGSEGV)')`. Either way the next source starts a new
 one. A decoder process that fails in our code (an exception that is not an input error, or an exit without
-a signal) raises `curation.errors.DecoderBugError`: a bug, which fails the job. `isolation="none"` decodes
+a signal) raises `curation.errors.DecoderBugError`: a bug (or this machine failing, e.g. no space left for
+the scratch files), which fails the job. `isolation="none"` decodes
 in-process (no timeout, no crash protection) for callers that are already isolated.
 
 Module layout (no import cycle): the shared types (DecodeConfig, sizes, the process protocol) are in
@@ -178,7 +179,8 @@ class DecoderProcess:
                                       "answering (its traceback is on stderr)")
             answer = DecodeAnswer.from_json(line)
             if answer.bug:
-                raise DecoderBugError(f"decoder process raised a programming error:\n{answer.bug}")
+                raise DecoderBugError(f"decoder process failed in our code or on this machine, not on the input:\n"
+                                      f"{answer.bug}")
             return answer
 
 

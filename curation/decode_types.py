@@ -148,7 +148,8 @@ class DecodeAnswer:
     """The decoder process's answer to one request (one JSON line on its stdout).
 
     Exactly one of: frames written (`info` set), `error` (the input is unusable: a SourceError reason) or
-    `bug` (the traceback of an exception in our code: the caller raises DecoderBugError).
+    `bug` (the traceback of an exception that is not about the input, a bug or this machine failing: the
+    caller raises DecoderBugError).
     """
 
     info: ProbeInfo | None = None

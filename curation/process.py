@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import time
 
 import cv2
@@ -34,7 +33,7 @@ from curation.encode import encode_jpeg, encode_mp4, resize_max_side
 from curation.errors import SourceError, is_input_error
 from curation.filters import for_kind, reject_reason
 from curation.images import decode_image
-from curation.inputs import InputItem, is_local, read_bytes
+from curation.inputs import InputItem, read_source
 from curation.motion import motion_scores
 from curation.probe import probe
 from curation.quality import quality_scores
@@ -253,31 +252,23 @@ def process_image(item: InputItem, data: bytes, cfg: CurateConfig) -> SourceResu
 def process_source(item: InputItem, cfg: CurateConfig, second_opinion=None) -> SourceResult:
     """Read, decode and score one input.
 
-    An unusable input is a status=error row (its caption, its bytes, or any input error of
-    curation.errors.is_input_error while decoding and scoring it); any other exception is a bug of ours
-    and propagates (the Ray job fails with its traceback).
+    An unusable input is a status=error row (its caption, reading it: curation.inputs.read_source, or any
+    input error of curation.errors.is_input_error while decoding and scoring it); any other exception is a
+    bug of ours, or this machine failing, and propagates (the Ray job fails with its traceback).
     """
     t0 = time.perf_counter()
     if item.caption_error:
         return error_result(item, item.caption_error)
     try:
-        # Local files go to the decoder by path (no copy); URLs are read through fsspec into memory.
-        data = item.uri if is_local(item.uri) else read_bytes(item.uri, max_bytes=cfg.job.max_source_bytes)
-        size = os.path.getsize(data) if isinstance(data, str) else len(data)
-    except (OSError, ValueError) as exc:  # fsspec: missing or unreachable, a malformed URL, over the size limit
-        return error_result(item, f"unreadable: {one_line(exc)}")
-    try:
-        if size == 0:
-            raise SourceError("empty file (0 bytes)")
-        if size > cfg.job.max_source_bytes:
-            raise SourceError(f"file is {size} bytes, over job.max_source_bytes={cfg.job.max_source_bytes}")
+        # a local video goes to the decoder by path (no copy); images and URLs are read into memory
+        data = read_source(item.uri, cfg.job.max_source_bytes, as_bytes=item.kind == "image")
         if item.kind == "image":
-            return process_image(item, read_bytes(data) if isinstance(data, str) else data, cfg)
+            return process_image(item, data, cfg)
         return process_video(item, data, cfg, second_opinion=second_opinion)
     except MemoryError:
         return error_result(item, "out of memory while decoding (lower decode.max_memory_mb)",
                             total_s=time.perf_counter() - t0)
     except Exception as exc:
         if not is_input_error(exc):
-            raise  # a bug: fail the job rather than record it as this input's fault
+            raise  # a bug, or this machine failing: fail the job rather than record it as this input's fault
         return error_result(item, one_line(exc), total_s=time.perf_counter() - t0)
