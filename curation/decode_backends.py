@@ -237,7 +237,7 @@ def decode_into(src, cfg: DecodeConfig, info: ProbeInfo, sink, start=0, end=None
     up to t1. It must give exactly `count` frames (the range's size in the first decode); anything else
     (a file whose timestamps do not survive a seek) falls back to decoding from the start by index.
     """
-    reason = over_max_pixels(info.width, info.height, cfg)
+    reason = over_max_pixels(info.width, info.height, cfg.max_pixels)
     if reason:
         raise SourceError(f"video frames of {reason}")
     if span is not None and cfg.backend in ("auto", "pyav"):

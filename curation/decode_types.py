@@ -1,4 +1,5 @@
-"""The types that the decode modules share: the config, frame sizes, and the decoder process's protocol.
+"""The types that the decode modules share: the config, frame sizes, the decoder process's protocol, and
+the picture-size check (`over_max_pixels`, which curation.images applies to still images too).
 
 A leaf module (it imports nothing of curation but curation.probe's ProbeInfo), so that curation.decode
 (the caller's side), curation.decode_backends (the PyAV and decord passes) and curation.decode_worker (the
@@ -78,12 +79,14 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig.backend={self.backend!r}: valid values are {BACKENDS}")
 
 
-def over_max_pixels(width: int, height: int, cfg: DecodeConfig) -> str | None:
-    """The rejection reason when a width x height picture is over cfg.max_pixels, else None."""
-    if width * height <= cfg.max_pixels:
+def over_max_pixels(width: int, height: int, max_pixels: int) -> str | None:
+    """THE decompression-bomb check of a picture's declared size, for still images (curation.images) and
+    video frames (curation.decode_backends) alike: the rejection reason when width x height is over
+    `max_pixels` (decode.max_pixels), else None."""
+    if width * height <= max_pixels:
         return None
-    return (f"{width}x{height} pixels ({width * height / 1e6:.1f} MP) per picture, over "
-            f"decode.max_pixels={cfg.max_pixels}: not decoded")
+    return (f"{width}x{height} pixels ({width * height / 1e6:.1f} MP), over decode.max_pixels={max_pixels}: "
+            "not decoded")
 
 
 # --------------------------------------------------------------------------- sizes
