@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import Literal, get_args
+from typing import Literal
 
+from common.configtree import check_fields
 from curation.probe import ProbeInfo
 
 Isolation = Literal["process", "none"]
 Backend = Literal["auto", "decord", "pyav"]
-ISOLATION_MODES: tuple[str, ...] = get_args(Isolation)
-BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 @dataclass
@@ -63,20 +62,15 @@ class DecodeConfig:
     """Folder for the child's frame files; None = /dev/shm when writable, else the system temp dir."""
 
     def __post_init__(self):
-        if self.detect_width < 16 or self.detect_width % 2:
-            raise ValueError(f"DecodeConfig.detect_width={self.detect_width}: must be even and >= 16")
-        if self.work_max_side < 16 or self.work_max_side % 2:
-            raise ValueError(f"DecodeConfig.work_max_side={self.work_max_side}: must be even and >= 16")
-        if self.timeout_s <= 0:
-            raise ValueError(f"DecodeConfig.timeout_s={self.timeout_s}: must be > 0 seconds")
-        if self.max_frames < 1 or self.batch_frames < 1:
-            raise ValueError("DecodeConfig.max_frames and batch_frames must be >= 1")
-        if self.max_pixels < 1:
-            raise ValueError(f"DecodeConfig.max_pixels={self.max_pixels}: must be >= 1")
-        if self.isolation not in ISOLATION_MODES:
-            raise ValueError(f"DecodeConfig.isolation={self.isolation!r}: valid values are {ISOLATION_MODES}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"DecodeConfig.backend={self.backend!r}: valid values are {BACKENDS}")
+        check_fields(
+            self,
+            ("detect_width", self.detect_width >= 16 and self.detect_width % 2 == 0, "must be even and >= 16"),
+            ("work_max_side", self.work_max_side >= 16 and self.work_max_side % 2 == 0, "must be even and >= 16"),
+            ("timeout_s", self.timeout_s > 0, "must be > 0 seconds"),
+            ("max_frames", self.max_frames >= 1, "must be >= 1"),
+            ("batch_frames", self.batch_frames >= 1, "must be >= 1"),
+            ("max_pixels", self.max_pixels >= 1, "must be >= 1"),
+        )
 
 
 def over_max_pixels(width: int, height: int, max_pixels: int) -> str | None:

@@ -8,6 +8,8 @@ import av
 import numpy as np
 import pytest
 
+from common import configtree
+from common.configtree import ConfigError
 from curation.decode import (DecodeConfig, DecoderProcess, current_decoder, decode_range, decode_video, small_size,
                              work_size)
 from curation.decode_types import DecodeRequest
@@ -208,6 +210,8 @@ def test_video_frames_over_max_pixels_are_rejected_before_decoding(shots_video, 
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         DecodeConfig(**{field: value})
+    with pytest.raises(ConfigError, match=rf"^decode.{field}"):  # loaded: a ConfigError naming the dotted key
+        configtree.from_dict(DecodeConfig, {field: value}, "decode")
 
 
 def test_decode_after_caller_used_opencv_threads(shots_video):
