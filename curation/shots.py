@@ -182,8 +182,8 @@ class SecondOpinion:
     """Cut probabilities from a second detector (TransNetV2), evaluated only near given frames.
 
     Built once per actor by the pipeline; `detect_cuts` builds a cached default when none is passed. The
-    weights path is checked here (a missing file is a config error, raised early), but the model (~1 s of
-    torch import + load) loads on the first call: sources without doubtful candidates never pay for it.
+    weights path is checked here (a missing file is a config error, raised early), but the model (a torch
+    import and a load) loads on the first call: sources without doubtful candidates never pay for it.
     """
 
     def __init__(self, cfg: ShotConfig):
