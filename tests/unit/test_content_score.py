@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from curation import content_score
-from curation.decode import DecodeConfig, decode_video
+from curation.decode import decode_video
+from curation.decode_types import DecodeConfig
 from tests import synth
 from tests.shot_scoring import run_scenedetect
 

@@ -9,7 +9,8 @@ import pytest
 
 from common import configtree
 from common.configtree import ConfigError
-from curation.decode import DecodeConfig, decode_video
+from curation.decode import decode_video
+from curation.decode_types import DecodeConfig
 from curation.shots import ClipSpan, SecondOpinion, ShotConfig, classify_candidates, detect_cuts, shots_to_clips
 from tests import synth
 

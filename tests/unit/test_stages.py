@@ -17,6 +17,7 @@ from common.configtree import ConfigError
 from pipeline.cluster import plan_actors
 from pipeline.stages import CLIP_LOAD_ERROR, STAGE_BUG, ProcessSources, ScoreClips, decode_payload, item_to_row
 from tests import synth
+from tests.decoder_faults import running_decoders
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_YAML = REPO / "configs" / "curate_default.yaml"
@@ -95,18 +96,20 @@ def test_a_programming_error_in_open_clip_scoring_is_flagged_not_a_score_error(c
 def test_sources_run_in_parallel_threads_with_their_own_decoders(cfg, videos):
     """One actor called from several threads at once (job.sources_per_actor): every source gives what it
     gives alone, and each calling thread decodes in a decoder process of its own."""
-    from curation import decode as dec
-
     stage = ProcessSources(cfg, score_clips=True)
     alone = [_rows(_result(stage(_batch(v)))) for v in videos]
+    before = running_decoders()
     got: dict[int, list] = {}
-    pids: dict[int, int] = {}
+    during: list[set[int]] = []
     barrier = threading.Barrier(len(videos))
 
     def work(k: int) -> None:
         barrier.wait()  # all three start together
         got[k] = _rows(_result(stage(_batch(videos[k]))))
-        pids[k] = stage._local.pool.submit(lambda: dec.current_decoder().proc.pid).result()
+        # a decoder process dies with the thread that started it (PR_SET_PDEATHSIG): look while all live
+        if barrier.wait() == 0:
+            during.append(running_decoders())
+        barrier.wait()
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(len(videos))]
     for t in threads:
@@ -114,7 +117,7 @@ def test_sources_run_in_parallel_threads_with_their_own_decoders(cfg, videos):
     for t in threads:
         t.join(120)
     assert [got[k] for k in range(len(videos))] == alone
-    assert len(set(pids.values())) == len(videos)
+    assert len(during[0] - before) == len(videos)  # one new decoder process per calling thread
 
 
 @pytest.mark.parametrize("cluster, nodes, overrides, want", [
