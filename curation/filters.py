@@ -246,10 +246,11 @@ def apply_filters(rows: list[dict], cfg: FilterConfig, *, media_bytes: list[int]
         cfg = dataclasses.replace(cfg, min_clip_similarity=None)
         if cfg.dedup_priority == "clip_similarity":
             cfg = dataclasses.replace(cfg, dedup_priority="sharpness")
+    rules = {kind: for_kind(cfg, kind) for kind in {row["kind"] for row in rows}}
     for row, size in zip(rows, media_bytes):
         row.setdefault("score_error", None)
         row.setdefault("duplicate_of", None)
-        reason = reject_reason(row, for_kind(cfg, row["kind"]))
+        reason = reject_reason(row, rules[row["kind"]])
         if reason is None and size == 0:
             row["score_error"] = "not encoded in stage 1 (filters loosened after staging? use a new OUT)"
             reason = "score_error"

@@ -31,7 +31,7 @@ from curation.decode import decode_range, decode_video, local_copy
 from curation.dedup import phash64
 from curation.encode import encode_jpeg, encode_mp4, resize_max_side
 from curation.errors import SourceError, is_input_error
-from curation.filters import for_kind, reject_reason
+from curation.filters import FilterConfig, for_kind, reject_reason
 from curation.images import decode_image
 from curation.inputs import InputItem, read_source
 from curation.motion import motion_scores
@@ -126,10 +126,11 @@ def _base_clip_row(item: InputItem, text_issue: str | None, text_score: float) -
     }
 
 
-def _score_and_encode_clip(item: InputItem, span, clip, dv, cfg: CurateConfig, text_score: float,
-                           issue: str | None) -> tuple[dict, tuple[bytes | None, bytes | None], np.ndarray]:
-    """One clip's manifest row (every cheap score), its media (encoded when it passes the cheap filters)
-    and the frames open_clip scores in stage 2."""
+def _score_and_encode_clip(item: InputItem, span, clip, dv, cfg: CurateConfig, rules: FilterConfig,
+                           text_score: float, issue: str | None
+                           ) -> tuple[dict, tuple[bytes | None, bytes | None], np.ndarray]:
+    """One clip's manifest row (every cheap score), its media (encoded when it passes the cheap filters,
+    `rules` = cheap_filter_cfg(cfg)) and the frames open_clip scores in stage 2."""
     s, e, fps = int(span.start_frame), int(span.end_frame), float(dv.fps)
     ts = np.asarray(dv.timestamps, dtype=np.float64)
     # RGB only for the frames a score looks at; the encoder takes the YUV frames as they are
@@ -155,7 +156,7 @@ def _score_and_encode_clip(item: InputItem, span, clip, dv, cfg: CurateConfig, t
     row.update(quality_scores(np.stack([rgb[i] for i in quality_idx]), _quality_cfg(cfg)))
     frames = _shrink_short_side(np.stack([rgb[i] for i in clip_idx]), cfg.job.clip_frame_side)
     media: tuple[bytes | None, bytes | None] = (None, None)
-    if reject_reason(row, cheap_filter_cfg(cfg)) is None:
+    if reject_reason(row, rules) is None:
         mp4, out_fps = encode_mp4(clip, fps, cfg.encode)
         first = resize_max_side(rgb[0], cfg.encode.max_side)
         media = (mp4, encode_jpeg(first, cfg.encode.jpeg_quality))
@@ -193,6 +194,7 @@ def process_video(item: InputItem, data: bytes | str, cfg: CurateConfig, second_
             _duration_s=float(dv.num_frames / fps) if fps > 0 else 0.0,
         )
     )
+    rules = cheap_filter_cfg(cfg)
     # over max_memory_mb only `small` was kept: clips are re-decoded one by one (by seeking), from a file
     with local_copy(data, cfg.decode, needed=dv.frames is None) as range_src:
         for span in spans:
@@ -203,7 +205,7 @@ def process_video(item: InputItem, data: bytes | str, cfg: CurateConfig, second_
                 clip = decode_range(range_src, s, e, cfg.decode, probe_info=info, timestamps=dv.timestamps)
             if len(clip) == 0:
                 continue
-            row, media, frames = _score_and_encode_clip(item, span, clip, dv, cfg, text_score, issue)
+            row, media, frames = _score_and_encode_clip(item, span, clip, dv, cfg, rules, text_score, issue)
             result.clip_frames.append(frames)
             result.clip_rows.append(row)
             result.media.append(media)
