@@ -232,11 +232,12 @@ def mark_duplicates(rows: list[dict], cfg: FilterConfig) -> dict[str, str]:
 
 
 def apply_filters(rows: list[dict], cfg: FilterConfig, *, media_bytes: list[int], random_weights: bool) -> None:
-    """The job's late filter: set `reject_reason`, `kept`, `duplicate_of` (and `score_error`) on every row
-    in place: per-row rules of the row's kind, then near-duplicates among the survivors of each kind.
+    """The job's late filter: set `reject_reason`, `kept` and `duplicate_of` on every row (and a null
+    `score_error` where stage 2 left none) in place: per-row rules of the row's kind, then near-duplicates among the survivors of each kind.
 
-    `media_bytes[i]`: bytes stage 1 encoded for rows[i]; a row that passes but was never encoded (only
-    possible when filters were loosened on a resumed run) is rejected as score_error, never written empty.
+    `media_bytes[i]`: bytes stage 1 encoded for rows[i]. A row that passes here was encoded there (stage 1
+    encodes what passes every rule it can check, a subset of these, and a resume refuses a changed `filter`
+    section), so one that passes without media is a bug: RuntimeError naming the clip.
     `random_weights`: the open_clip scores are meaningless (tiny-random): no similarity threshold, and
     duplicate groups keep their sharpest clip instead of the "best matching" one.
     """
@@ -252,8 +253,8 @@ def apply_filters(rows: list[dict], cfg: FilterConfig, *, media_bytes: list[int]
         row.setdefault("duplicate_of", None)
         reason = reject_reason(row, rules[row["kind"]])
         if reason is None and size == 0:
-            row["score_error"] = "not encoded in stage 1 (filters loosened after staging? use a new OUT)"
-            reason = "score_error"
+            raise RuntimeError(f"clip {row.get('clip_id')} passes the late filter but stage 1 encoded nothing for "
+                               "it: stage 1's filter must never be stricter than the late one (a bug)")
         row["reject_reason"] = reason
         row["kept"] = reason is None
     for kind in sorted({row["kind"] for row in rows}):
