@@ -148,6 +148,19 @@ def test_codec_decord_lacks_falls_back_to_pyav(tmp_path):
     assert v.num_frames == 12 and v.backend == "pyav"
 
 
+@pytest.mark.parametrize("isolation", ["process", "none"])
+def test_decord_failing_on_an_input_is_a_source_error(tmp_path, isolation):
+    """What decord raises on a bad input, while reading (a file cut short mid-way) or while opening (a codec
+    its FFmpeg build lacks), is this source's error, in either isolation."""
+    lying, _ = synth.write_lying_header_mp4(tmp_path / "lying.mp4")
+    with pytest.raises(SourceError, match=r"^decord failed: .*av_read_frame failed"):
+        decode_video(lying, DecodeConfig(backend="decord", isolation=isolation))
+    if "libsvtav1" in av.codecs_available:
+        av1 = synth.write_video(tmp_path / "av1.mp4", synth.moving_shot(12, 96, 160, seed=1), codec="libsvtav1")
+        with pytest.raises(SourceError, match=r"^decord failed: .*cannot find video stream"):
+            decode_video(av1, DecodeConfig(backend="decord", isolation=isolation))
+
+
 def test_max_frames_is_an_error_not_a_silent_cut(shots_video):
     path, _, _ = shots_video
     with pytest.raises(SourceError, match="max_frames=50"):
