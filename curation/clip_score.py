@@ -320,18 +320,3 @@ class ClipScorer:
                 out[i] = emb[offset : offset + len(clip_frames[i])]
                 offset += len(clip_frames[i])
         return out
-
-    def score_clips(self, clip_frames: list[np.ndarray], captions: list[str | None]) -> list[float]:
-        """Similarity per clip: `clip_frames[i]` holds that clip's sampled frames (k_i, H, W, 3), all of one
-        size per source. A clip without caption or frames -> NaN."""
-        if len(clip_frames) != len(captions):
-            raise ValueError("score_clips: one caption per clip")
-        idx = [i for i, (c, f) in enumerate(zip(captions, clip_frames)) if c and str(c).strip() and len(f) > 0]
-        scores = [float("nan")] * len(captions)
-        if not idx:
-            return scores
-        text_emb = self.embed_texts([str(captions[i]) for i in idx])
-        image_emb = self.embed_clips([clip_frames[i] for i in idx])
-        for j, i in enumerate(idx):
-            scores[i] = clip_similarity(image_emb[j], text_emb[j])
-        return scores
