@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 from collections.abc import Iterator
-
-import av
-import cv2
-from PIL import Image
 
 
 class SourceError(Exception):
@@ -70,21 +67,28 @@ def reading_input(what: str) -> Iterator[None]:
         raise SourceError(f"{what}: {type(exc).__name__}: {exc}") from None
 
 
-INPUT_ERRORS: tuple[type[BaseException], ...] = (
-    SourceError,  # our own verdict on an input (probe, decode, caption, image header checks, reading it)
-    EOFError,  # a file that ends inside a header
-    MemoryError,  # an input too large for the worker's memory
-    av.error.FFmpegError,  # PyAV: demuxing, decoding or encoding this input's streams
-    cv2.error,  # OpenCV decoding or converting this input's pixels
-    Image.UnidentifiedImageError,  # PIL: no reader knows this image's header (an OSError, named on its own)
-    Image.DecompressionBombError,  # PIL refusing an image header that declares too many pixels
-    Image.DecompressionBombWarning,  # the same, when warnings are turned into errors (python -W error)
-)
-"""Exception types that describe the input (or the library reading it), not our code.
+@functools.cache
+def input_error_types() -> tuple[type[BaseException], ...]:
+    """Exception types that describe the input (or the library reading it), not our code. Built on first
+    use, so that importing this module (curation.inputs does) imports no decoder library.
 
-decord's errors are not listed: decord is imported only in the decoder process, and curation.decode_backends
-turns them into SourceError where it calls decord.
-"""
+    decord's errors are not listed: decord is imported only in the decoder process, and
+    curation.decode_backends turns them into SourceError where it calls decord.
+    """
+    import av
+    import cv2
+    from PIL import Image
+
+    return (
+        SourceError,  # our own verdict on an input (probe, decode, caption, image header checks, reading it)
+        EOFError,  # a file that ends inside a header
+        MemoryError,  # an input too large for the worker's memory
+        av.error.FFmpegError,  # PyAV: demuxing, decoding or encoding this input's streams
+        cv2.error,  # OpenCV decoding or converting this input's pixels
+        Image.UnidentifiedImageError,  # PIL: no reader knows this image's header (an OSError, named on its own)
+        Image.DecompressionBombError,  # PIL refusing an image header that declares too many pixels
+        Image.DecompressionBombWarning,  # the same, when warnings are turned into errors (python -W error)
+    )
 
 
 def is_input_error(exc: BaseException) -> bool:
@@ -100,4 +104,4 @@ def is_input_error(exc: BaseException) -> bool:
     raising some other type, catch that type where the library is called and raise SourceError there (as
     curation.probe does for av.open) instead of widening this list.
     """
-    return isinstance(exc, INPUT_ERRORS) and not is_environment_error(exc)
+    return isinstance(exc, input_error_types()) and not is_environment_error(exc)

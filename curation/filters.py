@@ -233,7 +233,8 @@ def mark_duplicates(rows: list[dict], cfg: FilterConfig) -> dict[str, str]:
 
 def apply_filters(rows: list[dict], cfg: FilterConfig, *, media_bytes: list[int], random_weights: bool) -> None:
     """The job's late filter: set `reject_reason`, `kept` and `duplicate_of` on every row (and a null
-    `score_error` where stage 2 left none) in place: per-row rules of the row's kind, then near-duplicates among the survivors of each kind.
+    `score_error` where stage 2 left none) in place: per-row rules of the row's kind, then near-duplicates
+    among the survivors of each kind.
 
     `media_bytes[i]`: bytes stage 1 encoded for rows[i]. A row that passes here was encoded there (stage 1
     encodes what passes every rule it can check, a subset of these, and a resume refuses a changed `filter`

@@ -13,8 +13,9 @@ without a byte-order mark, and UTF-16 with one (LE or BE, as Windows tools write
 else is guessed: a legacy code page decodes to plausible wrong text, and UTF-16 without a BOM (or UTF-32)
 decodes as UTF-8 with NUL characters, so text that is not valid UTF-8, or holds a NUL, is an error.
 
-Nothing here raises on a bad *item*: an unreadable caption is recorded on the item (`caption_error`) and
-becomes a `status=error` row later; `read_source` raises SourceError for an input that cannot be used. A bad *input argument* (missing folder, table without a `video` or
+Nothing here raises on a bad *item* while listing: an unreadable caption is recorded on the item
+(`caption_error`) and becomes a `status=error` row later, and `read_source` raises SourceError (a row too)
+for an input that cannot be used. A bad *input argument* (missing folder, table without a `video` or
 `image` column, a table that is not text in those encodings) raises `ValueError` before any work starts.
 """
 

@@ -13,8 +13,9 @@ evidence (curation/shot_evidence.py), measured the same way for all of them:
 
 Rules:
   1. Proposals: (a) the configured PySceneDetect detector's decision (content_score.adaptive_cuts /
-     content_cuts, equal to the library's) with its minimum scene length off (short shots are real), so every cut the plain AdaptiveDetector proposes is a candidate here too; (b) the edges of
-     bursts of change (a spike against the frames on ONE side): a cut followed 1-4 frames later by a flash
+     content_cuts, equal to the library's) with its minimum scene length off (short shots are real), so
+     every cut the plain AdaptiveDetector proposes is a candidate here too; (b) the edges of bursts of
+     change (a spike against the frames on ONE side): a cut followed 1-4 frames later by a flash
      is a burst of 3+ large changes, and a two-sided mean hides all of them; (c) strong changes
      (score >= strong_score) that are local maxima once flashes are left out: cuts inside fast motion, or
      right next to a flash.
@@ -170,9 +171,6 @@ class Candidate:
     verdict: str = ""
     """'cut', 'fade', 'flash', 'weak' (the second opinion said no), or 'gap' (a stronger cut is too close)."""
     second_opinion: float | None = None
-
-
-# --------------------------------------------------------------------------- PySceneDetect stage
 
 
 # --------------------------------------------------------------------------- second opinion

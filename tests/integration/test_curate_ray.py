@@ -3,7 +3,8 @@
 Inputs: the short real clips of ../shared (skipped without it) + generated poison files (0 bytes, text
 renamed .mp4, truncated, a faststart mp4 cut in half whose header lies about its frame count, a caption that
 is not UTF-8) + an image-text pair. Checks the output contract, every shard kind read back through a
-`webdataset` pipeline (members, json = manifest row), exact clip durations, and that a run whose driver is SIGKILLed mid-way and then resumed equals an uninterrupted run.
+`webdataset` pipeline (members, json = manifest row), exact clip durations, and that a run whose driver
+is SIGKILLed mid-way and then resumed equals an uninterrupted run.
 """
 
 from __future__ import annotations

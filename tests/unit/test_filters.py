@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 import random
+import typing
 
 import pytest
 
 from common.configtree import ConfigError
-import typing
-
 from curation.config import CurateConfig
 from curation.filters import (
     REJECT_REASONS,
