@@ -80,7 +80,8 @@ def inputs(shared_videos, tmp_path_factory) -> dict:
     lying.write_bytes(data[: len(data) // 2])
     (folder / "header_lies.txt").write_text("a robot close-up and a man on a canal bridge")
     (folder / "bad_caption.mp4").symlink_to(shared_videos / SHARED_CLIPS[1])
-    (folder / "bad_caption.txt").write_bytes(b"\xff\xfe\x00caf\xe9 broken")
+    # Latin-1 without a byte-order mark: neither UTF-8 nor UTF-16 (b"\xff\xfe..." would be UTF-16 with a BOM)
+    (folder / "bad_caption.txt").write_bytes(b"caf\xe9 cr\xe8me br\xfbl\xe9e, broken")
     (folder / "still.jpg").write_bytes((REPO / "tests/assets/sample/tears_of_steel_frame_0040.jpg").read_bytes())
     (folder / "still.txt").write_text("a young man faces a giant robot on a bridge over a canal")
     with av.open(str(lying)) as c:
