@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from curation.decode import DecodeConfig, decode_video
+from curation.decode import decode_video
+from curation.decode_types import DecodeConfig
 from curation.shots import SecondOpinion, ShotConfig
 from tests import shot_scoring as scoring
 from tests.shot_sets import DEV_SEEDS, HELD_OUT_SEEDS, SETS, build_sets

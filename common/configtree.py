@@ -4,12 +4,17 @@ Every job (curation, training, generation) has one config tree made of nested da
 turns a YAML file plus command-line overrides into that tree, checking every key and value type, and
 serialises it back to YAML so it can be written beside manifests and checkpoints and logged to MLflow.
 
-Errors are raised early as `ConfigError`, naming the dotted field and what would fix it.
+Errors are raised early as `ConfigError`, naming the dotted field and what would fix it. A config class
+checks what its field types cannot say (ranges, fields that depend on each other) in `__post_init__` with
+`check_fields`, which names the field; `from_dict` then reports it by its dotted path (decode.detect_width),
+whoever built the tree. Choice fields are `Literal`s: checked while loading, and by `check_fields` when code
+builds a config directly.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from pathlib import Path
@@ -24,9 +29,43 @@ class ConfigError(ValueError):
     """A config value or key is wrong; the message names the field and the fix."""
 
 
+class FieldError(ConfigError):
+    """A config class refused the value of one of its fields (raised by `check_fields`); `from_dict`
+    reports it under the field's dotted path."""
+
+    def __init__(self, obj: Any, name: str, why: str):
+        self.field, self.value, self.why = name, getattr(obj, name), why
+        super().__init__(f"{type(obj).__name__}.{name}={self.value!r}: {why}")
+
+
+@functools.lru_cache(maxsize=None)
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _choices(tp: Any) -> tuple | None:
+    """The values a `Literal[...]` (or `Literal[...] | None`) annotation allows, else None."""
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        literals = [a for a in typing.get_args(tp) if typing.get_origin(a) is typing.Literal]
+        if literals and all(a is type(None) or a in literals for a in typing.get_args(tp)):
+            return tuple(v for a in literals for v in typing.get_args(a)) + (None,)
+    return None
+
+
+def check_fields(obj: Any, *rules: tuple[str, bool, str]) -> None:
+    """For a config dataclass's `__post_init__`: FieldError for the first `Literal` field whose value is
+    not one of its choices, then for the first rule (field name, condition, what it must be) whose
+    condition is False. from_dict turns it into a ConfigError naming the dotted path."""
+    for name, tp in _field_types(type(obj)).items():
+        choices = _choices(tp)
+        if choices is not None and getattr(obj, name) not in choices:
+            raise FieldError(obj, name, f"valid keys are {list(choices)}")
+    for name, ok, why in rules:
+        if not ok:
+            raise FieldError(obj, name, why)
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
@@ -117,7 +156,12 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
         kwargs[name] = _coerce(value, ftypes[name], f"{path}.{name}" if path else name)
     try:
         return cls(**kwargs)
-    except TypeError as exc:  # a required field is missing
+    except FieldError as exc:  # the class's own check (check_fields) refused a field: name it by its path
+        where = f"{path or cls.__name__}.{exc.field}"
+        raise ConfigError(f"{where}={exc.value!r}: {exc.why}") from None
+    except ConfigError:
+        raise  # names its field already (a nested section's error is raised by _coerce, before this call)
+    except (TypeError, ValueError) as exc:  # a required field missing, or a plain ValueError of __post_init__
         raise ConfigError(f"{path or cls.__name__}: {exc}") from None
 
 

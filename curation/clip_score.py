@@ -10,8 +10,9 @@ demo; its scores mean nothing (`random_weights` is True) and the pipeline must n
 Plain ViT CLIPs (ViT-H-14, the other ViT-* configs open_clip ships, tiny-random) are built by
 curation.clip_model, in torch alone: the same weights, tokens and embeddings as open_clip's, without
 importing open_clip (and with it torchvision, torch._dynamo and timm) in every actor, and a checkpoint is
-assigned to a model built on the meta device (no random initialisation first). Every other architecture, and a checkpoint that does not fit the plain
-model exactly (open_clip converts or resizes some), goes through open_clip (`create_model(pretrained=None)`
+assigned to a model built on the meta device (no random initialisation first). Every other architecture,
+and a checkpoint that does not fit the plain model exactly (open_clip converts or resizes some), goes
+through open_clip (`create_model(pretrained=None)`
 + `load_checkpoint`).
 
 Shapes: frames (K, H, W, 3) uint8 RGB -> image embeddings (K, D) float32, rows L2-normalised;
@@ -88,7 +89,7 @@ def _open_clip_model(cfg: ClipScoreConfig, checkpoint: Path | None):
     import open_clip
 
     if cfg.model == TINY_MODEL:
-        _register_tiny_model()
+        register_tiny_model()
     # pretrained=None: open_clip builds the architecture only and never looks up a tag or a hub.
     model = open_clip.create_model(cfg.model, pretrained=None, device="cpu")
     if checkpoint is not None:
@@ -97,8 +98,10 @@ def _open_clip_model(cfg: ClipScoreConfig, checkpoint: Path | None):
     return model, open_clip.get_tokenizer(cfg.model), open_clip.get_model_preprocess_cfg(model)
 
 
-def _register_tiny_model() -> None:
-    """Register TINY_MODEL_CFG as an open_clip model config (once per process)."""
+def register_tiny_model() -> None:
+    """Register TINY_MODEL_CFG with open_clip under TINY_MODEL (once per process), so that open_clip's own
+    factory (`open_clip.create_model("tiny-random")`) builds it: the path for checkpoints the plain model does
+    not take, and the reference the tests compare curation.clip_model with."""
     import open_clip
 
     if TINY_MODEL in open_clip.list_models():
@@ -320,18 +323,3 @@ class ClipScorer:
                 out[i] = emb[offset : offset + len(clip_frames[i])]
                 offset += len(clip_frames[i])
         return out
-
-    def score_clips(self, clip_frames: list[np.ndarray], captions: list[str | None]) -> list[float]:
-        """Similarity per clip: `clip_frames[i]` holds that clip's sampled frames (k_i, H, W, 3), all of one
-        size per source. A clip without caption or frames -> NaN."""
-        if len(clip_frames) != len(captions):
-            raise ValueError("score_clips: one caption per clip")
-        idx = [i for i, (c, f) in enumerate(zip(captions, clip_frames)) if c and str(c).strip() and len(f) > 0]
-        scores = [float("nan")] * len(captions)
-        if not idx:
-            return scores
-        text_emb = self.embed_texts([str(captions[i]) for i in idx])
-        image_emb = self.embed_clips([clip_frames[i] for i in idx])
-        for j, i in enumerate(idx):
-            scores[i] = clip_similarity(image_emb[j], text_emb[j])
-        return scores

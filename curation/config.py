@@ -3,7 +3,7 @@
 Load it with `load_config(path, overrides)` (YAML file + `a.b=c` overrides, every key and type checked by
 common.configtree); the job writes it back as OUT/config.yaml. Sections:
 
-    decode   curation.decode.DecodeConfig        one decode pass per source (small + work frames)
+    decode   curation.decode_types.DecodeConfig  one decode pass per source (small + work frames)
     shots    curation.shots.ShotConfig           shot detection, clip lengths, trims
     scores   clip / text / motion / quality      per-clip scores
     filter   curation.filters.FilterConfig       thresholds (None = off) and the global near-duplicate pass;
@@ -24,7 +24,7 @@ from typing import Literal
 from common import configtree
 from common.configtree import ConfigError
 from curation.clip_score import TINY_MODEL, ClipScoreConfig, validate_clip_config
-from curation.decode import DecodeConfig
+from curation.decode_types import DecodeConfig
 from curation.encode import EncodeConfig
 from curation.filters import FilterConfig, validate_filter_config
 from curation.motion import MotionConfig

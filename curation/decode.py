@@ -16,7 +16,8 @@ per caller, fed one source at a time through a pipe. It writes raw frames into a
 `timeout_s` gets the process SIGKILLed (`SourceError('decode timed out after N s')`); a process that dies
 from a signal becomes `SourceError('decoder crashed (SIGSEGV)')`. Either way the next source starts a new
 one. A decoder process that fails in our code (an exception that is not an input error, or an exit without
-a signal) raises `curation.errors.DecoderBugError`: a bug, which fails the job. `isolation="none"` decodes
+a signal) raises `curation.errors.DecoderBugError`: a bug (or this machine failing, e.g. no space left for
+the scratch files), which fails the job. `isolation="none"` decodes
 in-process (no timeout, no crash protection) for callers that are already isolated.
 
 Module layout (no import cycle): the shared types (DecodeConfig, sizes, the process protocol) are in
@@ -48,8 +49,7 @@ from curation.errors import DecoderBugError, SourceError
 from curation.frames import YuvFrames
 from curation.probe import ProbeInfo, Source, probe
 
-__all__ = ["DecodeConfig", "DecodedVideo", "DecoderProcess", "current_decoder", "decode_range", "decode_video",
-           "local_copy", "small_size", "work_size"]  # DecodeConfig and the sizes live in curation.decode_types
+__all__ = ["DecodedVideo", "DecoderProcess", "WORKER_COMMAND", "decode_range", "decode_video", "local_copy"]
 
 
 @dataclass
@@ -178,7 +178,8 @@ class DecoderProcess:
                                       "answering (its traceback is on stderr)")
             answer = DecodeAnswer.from_json(line)
             if answer.bug:
-                raise DecoderBugError(f"decoder process raised a programming error:\n{answer.bug}")
+                raise DecoderBugError(f"decoder process failed in our code or on this machine, not on the input:\n"
+                                      f"{answer.bug}")
             return answer
 
 
@@ -229,11 +230,6 @@ atexit.register(_DECODERS.kill_all)
 os.register_at_fork(after_in_child=lambda: _DECODERS.__init__())
 
 
-def current_decoder() -> DecoderProcess:
-    """The calling thread's decoder process, the one decode_video and decode_range use by default."""
-    return _DECODERS.current()
-
-
 def _map(path: str, shape: tuple) -> np.ndarray:
     if int(np.prod(shape)) == 0:
         return np.zeros(shape, np.uint8)
@@ -242,7 +238,7 @@ def _map(path: str, shape: tuple) -> np.ndarray:
 
 
 def _run(src: Source, cfg: DecodeConfig, info: ProbeInfo | None, *, start=0, end=None, small=True,
-         keep_work=True, span=None, decoder: DecoderProcess | None = None):
+         keep_work=True, span=None):
     """Decode in the configured isolation; returns (info, small, work, timestamps, bad, backend)."""
     if cfg.isolation == "none":
         info = info or probe(src)
@@ -268,7 +264,7 @@ def _run(src: Source, cfg: DecodeConfig, info: ProbeInfo | None, *, start=0, end
             src = path
         request = DecodeRequest(src=os.fspath(src), cfg=cfg, folder=folder, info=info, start=start, end=end,
                                 small=small, keep_work=keep_work, span=span)
-        answer = (decoder or _DECODERS.current()).run(request, cfg.timeout_s)
+        answer = _DECODERS.current().run(request, cfg.timeout_s)
         if answer.error is not None:
             raise SourceError(answer.error)
         info, n = answer.info, answer.count
@@ -293,14 +289,13 @@ def _run_isolated_bytes_inprocess(src, cfg, info, start, end, small, keep_work, 
 # --------------------------------------------------------------------------- public API
 
 
-def decode_video(src: Source, cfg: DecodeConfig, probe_info: ProbeInfo | None = None, *,
-                 decoder: DecoderProcess | None = None) -> DecodedVideo:
+def decode_video(src: Source, cfg: DecodeConfig, probe_info: ProbeInfo | None = None) -> DecodedVideo:
     """Decode every frame of `src` once into `small` (detection) and `frames` (work size).
 
-    Raises SourceError for unusable input (see probe()), frames over max_pixels, no decodable frame, more
-    than max_frames, a decoder crash, or a decode running past timeout_s; DecoderBugError when the decoder
-    process fails in our code. `decoder`: the decoder process to use (isolation 'process') instead of
-    the calling thread's own (current_decoder()), e.g. one running another program of the same protocol.
+    With isolation 'process' the calling thread's decoder process does the work (one per thread, started on
+    first use). Raises SourceError for unusable input (see probe()), frames over max_pixels, no decodable
+    frame, more than max_frames, a decoder crash, or a decode running past timeout_s; DecoderBugError when
+    the decoder process fails in our code or on this machine.
     """
     info = probe_info
     keep = cfg.keep_frames
@@ -308,7 +303,7 @@ def decode_video(src: Source, cfg: DecodeConfig, probe_info: ProbeInfo | None = 
         ww, wh = work_size(info.width, info.height, cfg)
         est = info.header_frames or int((info.duration_s or 0) * (info.fps or 0))
         keep = est * ww * wh * 3 // 2 <= cfg.max_memory_mb * 2**20
-    info, small, work, ts, bad, backend = _run(src, cfg, info, keep_work=keep, decoder=decoder)
+    info, small, work, ts, bad, backend = _run(src, cfg, info, keep_work=keep)
     n = len(small)
     if n == 0:
         raise SourceError(f"no decodable video frames ({info.codec}, {bad} bad packets)")

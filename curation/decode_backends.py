@@ -9,7 +9,9 @@ or in the caller's process with DecodeConfig.isolation='none'.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -107,12 +109,22 @@ class _DecordFailed(Exception):
     """decord could not open or finish this source; the caller retries with PyAV."""
 
 
+@contextlib.contextmanager
+def _calling_decord(decord) -> Iterator[None]:
+    """Around calls into decord only: what it raises on a bad input, RuntimeError (cannot open) or
+    DECORDError (C++ errors, multi-line messages), becomes _DecordFailed with a one-line reason."""
+    try:
+        yield
+    except (RuntimeError, decord.DECORDError) as exc:
+        raise _DecordFailed(" ".join(str(exc).split())[:200]) from None
+
+
 def _decode_decord(src, cfg, info: ProbeInfo, sink, sizes, budget_frames, start=0, end=None):
     import decord
 
     ww, wh, ws, hs = sizes
     resize = (ww, wh) != (info.width, info.height)
-    try:
+    with _calling_decord(decord):
         vr = decord.VideoReader(
             src if isinstance(src, str) else os.fspath(src),
             ctx=decord.cpu(0),
@@ -121,24 +133,16 @@ def _decode_decord(src, cfg, info: ProbeInfo, sink, sizes, budget_frames, start=
             num_threads=cfg.decoder_threads,
         )
         n = len(vr)
-        stop = n if end is None else min(n, end)
-        stamps = []
-        for i in range(start, stop, cfg.batch_frames):
-            idx = list(range(i, min(stop, i + cfg.batch_frames)))
+    stop = n if end is None else min(n, end)
+    stamps = []
+    for i in range(start, stop, cfg.batch_frames):
+        idx = list(range(i, min(stop, i + cfg.batch_frames)))
+        with _calling_decord(decord):
             rgb = vr.get_batch(idx).asnumpy()
-            if rgb.shape[1:3] != (wh, ww):
-                raise _DecordFailed(f"decord returned frames of {rgb.shape[2]}x{rgb.shape[1]}, wanted {ww}x{wh}")
-            work = np.stack([rgb_to_i420(f) for f in rgb])
             stamps.append(vr.get_frame_timestamp(idx)[:, 0].astype(np.float64))
-            _add(sink, work, ws, hs, cfg, budget_frames)
-    except (_DecordFailed, SourceError):
-        raise
-    except Exception as exc:
-        # decord raises RuntimeError (cannot open) or DECORDError (C++ errors, multi-line messages) on a bad
-        # input; anything else from this block is a bug of ours and propagates
-        if not (isinstance(exc, (RuntimeError, decord.DECORDError)) or is_input_error(exc)):
-            raise
-        raise _DecordFailed(" ".join(str(exc).split())[:200]) from None
+        if rgb.shape[1:3] != (wh, ww):
+            raise _DecordFailed(f"decord returned frames of {rgb.shape[2]}x{rgb.shape[1]}, wanted {ww}x{wh}")
+        _add(sink, np.stack([rgb_to_i420(f) for f in rgb]), ws, hs, cfg, budget_frames)
     return (np.concatenate(stamps) if stamps else np.zeros(0)), 0
 
 
@@ -237,7 +241,7 @@ def decode_into(src, cfg: DecodeConfig, info: ProbeInfo, sink, start=0, end=None
     up to t1. It must give exactly `count` frames (the range's size in the first decode); anything else
     (a file whose timestamps do not survive a seek) falls back to decoding from the start by index.
     """
-    reason = over_max_pixels(info.width, info.height, cfg)
+    reason = over_max_pixels(info.width, info.height, cfg.max_pixels)
     if reason:
         raise SourceError(f"video frames of {reason}")
     if span is not None and cfg.backend in ("auto", "pyav"):

@@ -1,4 +1,5 @@
-"""The types that the decode modules share: the config, frame sizes, and the decoder process's protocol.
+"""The types that the decode modules share: the config, frame sizes, the decoder process's protocol, and
+the picture-size check (`over_max_pixels`, which curation.images applies to still images too).
 
 A leaf module (it imports nothing of curation but curation.probe's ProbeInfo), so that curation.decode
 (the caller's side), curation.decode_backends (the PyAV and decord passes) and curation.decode_worker (the
@@ -13,14 +14,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import Literal, get_args
+from typing import Literal
 
+from common.configtree import check_fields
 from curation.probe import ProbeInfo
 
 Isolation = Literal["process", "none"]
 Backend = Literal["auto", "decord", "pyav"]
-ISOLATION_MODES: tuple[str, ...] = get_args(Isolation)
-BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 @dataclass
@@ -62,28 +62,25 @@ class DecodeConfig:
     """Folder for the child's frame files; None = /dev/shm when writable, else the system temp dir."""
 
     def __post_init__(self):
-        if self.detect_width < 16 or self.detect_width % 2:
-            raise ValueError(f"DecodeConfig.detect_width={self.detect_width}: must be even and >= 16")
-        if self.work_max_side < 16 or self.work_max_side % 2:
-            raise ValueError(f"DecodeConfig.work_max_side={self.work_max_side}: must be even and >= 16")
-        if self.timeout_s <= 0:
-            raise ValueError(f"DecodeConfig.timeout_s={self.timeout_s}: must be > 0 seconds")
-        if self.max_frames < 1 or self.batch_frames < 1:
-            raise ValueError("DecodeConfig.max_frames and batch_frames must be >= 1")
-        if self.max_pixels < 1:
-            raise ValueError(f"DecodeConfig.max_pixels={self.max_pixels}: must be >= 1")
-        if self.isolation not in ISOLATION_MODES:
-            raise ValueError(f"DecodeConfig.isolation={self.isolation!r}: valid values are {ISOLATION_MODES}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"DecodeConfig.backend={self.backend!r}: valid values are {BACKENDS}")
+        check_fields(
+            self,
+            ("detect_width", self.detect_width >= 16 and self.detect_width % 2 == 0, "must be even and >= 16"),
+            ("work_max_side", self.work_max_side >= 16 and self.work_max_side % 2 == 0, "must be even and >= 16"),
+            ("timeout_s", self.timeout_s > 0, "must be > 0 seconds"),
+            ("max_frames", self.max_frames >= 1, "must be >= 1"),
+            ("batch_frames", self.batch_frames >= 1, "must be >= 1"),
+            ("max_pixels", self.max_pixels >= 1, "must be >= 1"),
+        )
 
 
-def over_max_pixels(width: int, height: int, cfg: DecodeConfig) -> str | None:
-    """The rejection reason when a width x height picture is over cfg.max_pixels, else None."""
-    if width * height <= cfg.max_pixels:
+def over_max_pixels(width: int, height: int, max_pixels: int) -> str | None:
+    """THE decompression-bomb check of a picture's declared size, for still images (curation.images) and
+    video frames (curation.decode_backends) alike: the rejection reason when width x height is over
+    `max_pixels` (decode.max_pixels), else None."""
+    if width * height <= max_pixels:
         return None
-    return (f"{width}x{height} pixels ({width * height / 1e6:.1f} MP) per picture, over "
-            f"decode.max_pixels={cfg.max_pixels}: not decoded")
+    return (f"{width}x{height} pixels ({width * height / 1e6:.1f} MP), over decode.max_pixels={max_pixels}: "
+            "not decoded")
 
 
 # --------------------------------------------------------------------------- sizes
@@ -148,7 +145,8 @@ class DecodeAnswer:
     """The decoder process's answer to one request (one JSON line on its stdout).
 
     Exactly one of: frames written (`info` set), `error` (the input is unusable: a SourceError reason) or
-    `bug` (the traceback of an exception in our code: the caller raises DecoderBugError).
+    `bug` (the traceback of an exception that is not about the input, a bug or this machine failing: the
+    caller raises DecoderBugError).
     """
 
     info: ProbeInfo | None = None

@@ -41,7 +41,8 @@ def _die_with_parent() -> None:
 
 def run_job(request: DecodeRequest) -> DecodeAnswer:
     """Decode request.src into request.folder. An unusable input is an answer with `error`; an exception
-    that is not an input error (curation.errors.is_input_error) is an answer with `bug` (its traceback)."""
+    that is not an input error (curation.errors.is_input_error: a bug, or this machine failing, e.g. no space
+    left in the scratch folder) is an answer with `bug` (its traceback)."""
     try:
         info = request.info or probe(request.src)
         sink = FileSink(request.folder, keep_work=request.keep_work)

@@ -6,13 +6,22 @@ not SourceErrors: they raise `common.configtree.ConfigError` before any work sta
 
 `is_input_error` decides, in one place, what else the per-source code records as data instead of
 raising; everything it does not name is a bug and propagates, so the Ray job fails with a non-zero exit.
+
+OSError is not on that list: the same types come from reading an input (missing, no permission, a broken
+remote) and from this machine failing the job's own writes (the decoder's scratch files on a full
+/dev/shm, a read-only file system, too many open files). Recording the second kind as data would mark
+sources "bad input" that are fine, exit 0, and a resume would skip them. So the code that opens or reads
+an input turns an OSError into SourceError where it happens (`reading_input`, or its own except clause),
+and an OSError anywhere else fails the job. Even while reading an input, the errors that describe this
+machine (`ENVIRONMENT_ERRNOS`) are never data.
 """
 
 from __future__ import annotations
 
-import av
-import cv2
-from PIL import Image
+import contextlib
+import errno
+import functools
+from collections.abc import Iterator
 
 
 class SourceError(Exception):
@@ -28,32 +37,65 @@ class SourceError(Exception):
 
 
 class DecoderBugError(Exception):
-    """The decoder process failed in our code, not on the input: it answered with a traceback of an
-    exception that is not an input error, or it exited without answering and without a signal (a Python
-    exception escaped it, or it could not start). A bug: never recorded as a source row."""
+    """The decoder process failed in our code or on this machine, not on the input: it answered with a
+    traceback of an exception that is not an input error (a bug, or e.g. no space left for its scratch
+    files), or it exited without answering and without a signal (a Python exception escaped it, or it could
+    not start). Never recorded as a source row: it fails the job."""
 
 
-INPUT_ERRORS: tuple[type[BaseException], ...] = (
-    SourceError,  # our own verdict on an input (probe, decode, caption, image header checks)
-    OSError,  # reading the input: missing, permission, network, truncated (PIL's UnidentifiedImageError)
-    EOFError,  # a file that ends inside a header
-    MemoryError,  # an input too large for the worker's memory
-    av.error.FFmpegError,  # PyAV: demuxing, decoding or encoding this input's streams
-    cv2.error,  # OpenCV decoding or converting this input's pixels
-    Image.DecompressionBombError,  # PIL refusing an image header that declares too many pixels
-    Image.DecompressionBombWarning,  # the same, when warnings are turned into errors (python -W error)
-)
-"""Exception types that describe the input (or the library reading it), not our code.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EMFILE, errno.ENFILE})
+"""OSError numbers that describe this machine, never an input: no space or quota left, a read-only file
+system, no file descriptor left (in this process or the system). They fail the job wherever they happen."""
 
-decord's errors are not listed: decord is imported only in the decoder process, and curation.decode_backends
-turns them into SourceError where it calls decord.
-"""
+
+def is_environment_error(exc: BaseException) -> bool:
+    """True for an OSError (a library's subclass included, e.g. PyAV's) whose errno is one of
+    ENVIRONMENT_ERRNOS."""
+    return isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS
+
+
+@contextlib.contextmanager
+def reading_input(what: str) -> Iterator[None]:
+    """Run code that opens or reads an input: an OSError it raises (missing, no permission, a directory, a
+    broken remote) becomes SourceError(f"{what}: {type}: {message}"), except an environment error
+    (is_environment_error), which propagates and fails the job."""
+    try:
+        yield
+    except OSError as exc:
+        if is_environment_error(exc):
+            raise
+        raise SourceError(f"{what}: {type(exc).__name__}: {exc}") from None
+
+
+@functools.cache
+def input_error_types() -> tuple[type[BaseException], ...]:
+    """Exception types that describe the input (or the library reading it), not our code. Built on first
+    use, so that importing this module (curation.inputs does) imports no decoder library.
+
+    decord's errors are not listed: decord is imported only in the decoder process, and
+    curation.decode_backends turns them into SourceError where it calls decord.
+    """
+    import av
+    import cv2
+    from PIL import Image
+
+    return (
+        SourceError,  # our own verdict on an input (probe, decode, caption, image header checks, reading it)
+        EOFError,  # a file that ends inside a header
+        MemoryError,  # an input too large for the worker's memory
+        av.error.FFmpegError,  # PyAV: demuxing, decoding or encoding this input's streams
+        cv2.error,  # OpenCV decoding or converting this input's pixels
+        Image.UnidentifiedImageError,  # PIL: no reader knows this image's header (an OSError, named on its own)
+        Image.DecompressionBombError,  # PIL refusing an image header that declares too many pixels
+        Image.DecompressionBombWarning,  # the same, when warnings are turned into errors (python -W error)
+    )
 
 
 def is_input_error(exc: BaseException) -> bool:
     """True when `exc` says "this input is unusable" (the source becomes a status=error row); False when it
     is a bug (TypeError, AttributeError, NameError, KeyError, IndexError, AssertionError, ValueError,
-    RuntimeError, DecoderBugError, ...), which the caller must re-raise.
+    RuntimeError, DecoderBugError, ...) or this machine failing (a plain OSError, an environment error even
+    from a decoder library), which the caller must re-raise.
 
     Why an allow-list: a curation job runs millions of inputs, so what an input can do to a decoder must
     never stop it; but a programming error turned into an error row makes every source fail "as data" and
@@ -62,4 +104,4 @@ def is_input_error(exc: BaseException) -> bool:
     raising some other type, catch that type where the library is called and raise SourceError there (as
     curation.probe does for av.open) instead of widening this list.
     """
-    return isinstance(exc, INPUT_ERRORS)
+    return isinstance(exc, input_error_types()) and not is_environment_error(exc)

@@ -232,11 +232,13 @@ def mark_duplicates(rows: list[dict], cfg: FilterConfig) -> dict[str, str]:
 
 
 def apply_filters(rows: list[dict], cfg: FilterConfig, *, media_bytes: list[int], random_weights: bool) -> None:
-    """The job's late filter: set `reject_reason`, `kept`, `duplicate_of` (and `score_error`) on every row
-    in place: per-row rules of the row's kind, then near-duplicates among the survivors of each kind.
+    """The job's late filter: set `reject_reason`, `kept` and `duplicate_of` on every row (and a null
+    `score_error` where stage 2 left none) in place: per-row rules of the row's kind, then near-duplicates
+    among the survivors of each kind.
 
-    `media_bytes[i]`: bytes stage 1 encoded for rows[i]; a row that passes but was never encoded (only
-    possible when filters were loosened on a resumed run) is rejected as score_error, never written empty.
+    `media_bytes[i]`: bytes stage 1 encoded for rows[i]. A row that passes here was encoded there (stage 1
+    encodes what passes every rule it can check, a subset of these, and a resume refuses a changed `filter`
+    section), so one that passes without media is a bug: RuntimeError naming the clip.
     `random_weights`: the open_clip scores are meaningless (tiny-random): no similarity threshold, and
     duplicate groups keep their sharpest clip instead of the "best matching" one.
     """
@@ -246,13 +248,14 @@ def apply_filters(rows: list[dict], cfg: FilterConfig, *, media_bytes: list[int]
         cfg = dataclasses.replace(cfg, min_clip_similarity=None)
         if cfg.dedup_priority == "clip_similarity":
             cfg = dataclasses.replace(cfg, dedup_priority="sharpness")
+    rules = {kind: for_kind(cfg, kind) for kind in {row["kind"] for row in rows}}
     for row, size in zip(rows, media_bytes):
         row.setdefault("score_error", None)
         row.setdefault("duplicate_of", None)
-        reason = reject_reason(row, for_kind(cfg, row["kind"]))
+        reason = reject_reason(row, rules[row["kind"]])
         if reason is None and size == 0:
-            row["score_error"] = "not encoded in stage 1 (filters loosened after staging? use a new OUT)"
-            reason = "score_error"
+            raise RuntimeError(f"clip {row.get('clip_id')} passes the late filter but stage 1 encoded nothing for "
+                               "it: stage 1's filter must never be stricter than the late one (a bug)")
         row["reject_reason"] = reason
         row["kept"] = reason is None
     for kind in sorted({row["kind"] for row in rows}):

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from curation.decode_types import over_max_pixels
 from curation.errors import SourceError
 
 ANIMATED_FORMATS = ("GIF", "PNG", "WEBP")
@@ -73,9 +74,8 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     if len(data) == 0:
         raise SourceError("empty file (0 bytes)")
     head = read_image_header(data)
-    if head.width * head.height > max_pixels:
-        raise SourceError(f"image of {head.width}x{head.height} pixels ({head.width * head.height / 1e6:.1f} MP), "
-                          f"over decode.max_pixels={max_pixels}: not decoded")
+    if reason := over_max_pixels(head.width, head.height, max_pixels):
+        raise SourceError(f"image of {reason}")
     if head.animated:
         count = f"{head.frames} frames" if head.frames else "several frames"
         raise SourceError(f"animated {head.format} ({count}): an animation is not a still image (curate it as a "

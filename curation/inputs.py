@@ -13,8 +13,9 @@ without a byte-order mark, and UTF-16 with one (LE or BE, as Windows tools write
 else is guessed: a legacy code page decodes to plausible wrong text, and UTF-16 without a BOM (or UTF-32)
 decodes as UTF-8 with NUL characters, so text that is not valid UTF-8, or holds a NUL, is an error.
 
-Nothing here raises on a bad *item*: an unreadable caption is recorded on the item (`caption_error`) and
-becomes a `status=error` row later. A bad *input argument* (missing folder, table without a `video` or
+Nothing here raises on a bad *item* while listing: an unreadable caption is recorded on the item
+(`caption_error`) and becomes a `status=error` row later, and `read_source` raises SourceError (a row too)
+for an input that cannot be used. A bad *input argument* (missing folder, table without a `video` or
 `image` column, a table that is not text in those encodings) raises `ValueError` before any work starts.
 """
 
@@ -26,6 +27,8 @@ import hashlib
 from pathlib import Path
 
 import fsspec
+
+from curation.errors import SourceError, is_environment_error, reading_input
 
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -120,6 +123,8 @@ def read_caption_file(uri: str) -> tuple[str, str | None]:
         with fs.open(path, "rb") as fh:
             raw = fh.read()
     except OSError as exc:  # permissions, a directory named NAME.txt, a broken remote...
+        if is_environment_error(exc):
+            raise  # this machine, not the caption (curation.errors)
         return "", f"caption unreadable: {name}: {type(exc).__name__}: {exc}"
     try:
         return decode_text(raw).strip(), None
@@ -214,12 +219,37 @@ def list_inputs(path: str) -> list[InputItem]:
     return unique
 
 
-def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
-    """The whole content of `uri` (local path or fsspec URL); raises OSError / ValueError when unreadable."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    if max_bytes is not None:
-        size = fs.size(path)
-        if size is not None and size > max_bytes:
-            raise ValueError(f"file is {size} bytes, over the {max_bytes}-byte limit (io.max_source_bytes)")
-    with fs.open(path, "rb") as fh:
-        return fh.read()
+def read_source(uri: str, max_bytes: int, *, as_bytes: bool = True) -> str | bytes:
+    """The input at `uri` for a decoder: its bytes, or its path when it is a local file and not `as_bytes`
+    (the decoders open local files themselves: no copy in memory). URLs are read through fsspec.
+
+    THE size check of an input: SourceError (the manifest reason) when it is empty or larger than
+    `max_bytes` (job.max_source_bytes; checked before reading when the file system tells the size), and
+    when it cannot be read: missing, no permission, a broken remote, a URL of an unknown protocol. An
+    OSError that describes this machine (curation.errors.ENVIRONMENT_ERRNOS) propagates.
+    """
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except ValueError as exc:  # fsspec: a protocol it does not know
+        raise SourceError(f"unreadable: {exc}") from None
+    with reading_input("unreadable"):
+        size = fs.size(path)  # None: a server that does not say (HTTP without Content-Length)
+        if size is not None:
+            _check_size(size, max_bytes)
+            if is_local(uri) and not as_bytes:
+                return uri
+        with fs.open(path, "rb") as fh:
+            data = fh.read() if size is not None else fh.read(max_bytes + 1)  # past the limit: rejected
+    if size is None:
+        _check_size(len(data), max_bytes, exact=False)
+    return data
+
+
+def _check_size(size: int, max_bytes: int, exact: bool = True) -> None:
+    """SourceError for an empty input or one over `max_bytes` (`size`: its size, or with `exact=False`
+    what was read of it, at most max_bytes + 1)."""
+    if size == 0:
+        raise SourceError("empty file (0 bytes)")
+    if size > max_bytes:
+        told = f"is {size} bytes, over" if exact else "is larger than"
+        raise SourceError(f"file {told} job.max_source_bytes={max_bytes}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import av
 
-from curation.errors import SourceError
+from curation.errors import SourceError, is_environment_error, reading_input
 
 Source = str | bytes | os.PathLike
 
@@ -44,26 +44,26 @@ class ProbeInfo:
 
 
 def open_container(src: Source):
-    """av.open() on a path or bytes; every failure becomes a SourceError with a one-line reason."""
+    """av.open() on a path or bytes; every failure that is about the input becomes a SourceError with a
+    one-line reason (an environment error of curation.errors propagates)."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
             raise SourceError("empty file (0 bytes)")
         target = io.BytesIO(bytes(src))
     else:
         path = os.fspath(src)
-        try:
+        with reading_input("cannot read file"):
             size = os.path.getsize(path)
-        except OSError as exc:
-            raise SourceError(f"cannot read file: {exc.strerror or exc}") from None
         if size == 0:
             raise SourceError("empty file (0 bytes)")
         target = path
     try:
         return av.open(target, mode="r", metadata_errors="ignore")
-    except av.error.FFmpegError as exc:
-        raise SourceError(f"not a readable video container: {exc.strerror or exc}") from None
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise SourceError(f"not a readable video container: {exc}") from None
+    except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError) as exc:
+        if is_environment_error(exc):
+            raise  # this machine (too many open files...), not the input: curation.errors
+        text = exc.strerror if isinstance(exc, av.error.FFmpegError) and exc.strerror else exc
+        raise SourceError(f"not a readable video container: {text}") from None
 
 
 def _source_size(src: Source) -> int | None:

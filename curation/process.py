@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import time
 
 import cv2
@@ -32,9 +31,9 @@ from curation.decode import decode_range, decode_video, local_copy
 from curation.dedup import phash64
 from curation.encode import encode_jpeg, encode_mp4, resize_max_side
 from curation.errors import SourceError, is_input_error
-from curation.filters import for_kind, reject_reason
+from curation.filters import FilterConfig, for_kind, reject_reason
 from curation.images import decode_image
-from curation.inputs import InputItem, is_local, read_bytes
+from curation.inputs import InputItem, read_source
 from curation.motion import motion_scores
 from curation.probe import probe
 from curation.quality import quality_scores
@@ -127,10 +126,11 @@ def _base_clip_row(item: InputItem, text_issue: str | None, text_score: float) -
     }
 
 
-def _score_and_encode_clip(item: InputItem, span, clip, dv, cfg: CurateConfig, text_score: float,
-                           issue: str | None) -> tuple[dict, tuple[bytes | None, bytes | None], np.ndarray]:
-    """One clip's manifest row (every cheap score), its media (encoded when it passes the cheap filters)
-    and the frames open_clip scores in stage 2."""
+def _score_and_encode_clip(item: InputItem, span, clip, dv, cfg: CurateConfig, rules: FilterConfig,
+                           text_score: float, issue: str | None
+                           ) -> tuple[dict, tuple[bytes | None, bytes | None], np.ndarray]:
+    """One clip's manifest row (every cheap score), its media (encoded when it passes the cheap filters,
+    `rules` = cheap_filter_cfg(cfg)) and the frames open_clip scores in stage 2."""
     s, e, fps = int(span.start_frame), int(span.end_frame), float(dv.fps)
     ts = np.asarray(dv.timestamps, dtype=np.float64)
     # RGB only for the frames a score looks at; the encoder takes the YUV frames as they are
@@ -156,7 +156,7 @@ def _score_and_encode_clip(item: InputItem, span, clip, dv, cfg: CurateConfig, t
     row.update(quality_scores(np.stack([rgb[i] for i in quality_idx]), _quality_cfg(cfg)))
     frames = _shrink_short_side(np.stack([rgb[i] for i in clip_idx]), cfg.job.clip_frame_side)
     media: tuple[bytes | None, bytes | None] = (None, None)
-    if reject_reason(row, cheap_filter_cfg(cfg)) is None:
+    if reject_reason(row, rules) is None:
         mp4, out_fps = encode_mp4(clip, fps, cfg.encode)
         first = resize_max_side(rgb[0], cfg.encode.max_side)
         media = (mp4, encode_jpeg(first, cfg.encode.jpeg_quality))
@@ -194,6 +194,7 @@ def process_video(item: InputItem, data: bytes | str, cfg: CurateConfig, second_
             _duration_s=float(dv.num_frames / fps) if fps > 0 else 0.0,
         )
     )
+    rules = cheap_filter_cfg(cfg)
     # over max_memory_mb only `small` was kept: clips are re-decoded one by one (by seeking), from a file
     with local_copy(data, cfg.decode, needed=dv.frames is None) as range_src:
         for span in spans:
@@ -204,7 +205,7 @@ def process_video(item: InputItem, data: bytes | str, cfg: CurateConfig, second_
                 clip = decode_range(range_src, s, e, cfg.decode, probe_info=info, timestamps=dv.timestamps)
             if len(clip) == 0:
                 continue
-            row, media, frames = _score_and_encode_clip(item, span, clip, dv, cfg, text_score, issue)
+            row, media, frames = _score_and_encode_clip(item, span, clip, dv, cfg, rules, text_score, issue)
             result.clip_frames.append(frames)
             result.clip_rows.append(row)
             result.media.append(media)
@@ -253,31 +254,23 @@ def process_image(item: InputItem, data: bytes, cfg: CurateConfig) -> SourceResu
 def process_source(item: InputItem, cfg: CurateConfig, second_opinion=None) -> SourceResult:
     """Read, decode and score one input.
 
-    An unusable input is a status=error row (its caption, its bytes, or any input error of
-    curation.errors.is_input_error while decoding and scoring it); any other exception is a bug of ours
-    and propagates (the Ray job fails with its traceback).
+    An unusable input is a status=error row (its caption, reading it: curation.inputs.read_source, or any
+    input error of curation.errors.is_input_error while decoding and scoring it); any other exception is a
+    bug of ours, or this machine failing, and propagates (the Ray job fails with its traceback).
     """
     t0 = time.perf_counter()
     if item.caption_error:
         return error_result(item, item.caption_error)
     try:
-        # Local files go to the decoder by path (no copy); URLs are read through fsspec into memory.
-        data = item.uri if is_local(item.uri) else read_bytes(item.uri, max_bytes=cfg.job.max_source_bytes)
-        size = os.path.getsize(data) if isinstance(data, str) else len(data)
-    except (OSError, ValueError) as exc:  # fsspec: missing or unreachable, a malformed URL, over the size limit
-        return error_result(item, f"unreadable: {one_line(exc)}")
-    try:
-        if size == 0:
-            raise SourceError("empty file (0 bytes)")
-        if size > cfg.job.max_source_bytes:
-            raise SourceError(f"file is {size} bytes, over job.max_source_bytes={cfg.job.max_source_bytes}")
+        # a local video goes to the decoder by path (no copy); images and URLs are read into memory
+        data = read_source(item.uri, cfg.job.max_source_bytes, as_bytes=item.kind == "image")
         if item.kind == "image":
-            return process_image(item, read_bytes(data) if isinstance(data, str) else data, cfg)
+            return process_image(item, data, cfg)
         return process_video(item, data, cfg, second_opinion=second_opinion)
     except MemoryError:
         return error_result(item, "out of memory while decoding (lower decode.max_memory_mb)",
                             total_s=time.perf_counter() - t0)
     except Exception as exc:
         if not is_input_error(exc):
-            raise  # a bug: fail the job rather than record it as this input's fault
+            raise  # a bug, or this machine failing: fail the job rather than record it as this input's fault
         return error_result(item, one_line(exc), total_s=time.perf_counter() - t0)

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from curation.content_score import ADAPTIVE_MAX_RATIO, ADAPTIVE_ZERO_MEAN
 
 
 def thumbnails(hsv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,23 +83,52 @@ def _persists(thumbs: np.ndarray, b: int, a: int) -> bool:
 
 def spike_ratio(scores: np.ndarray, i: int, window: int, masked: np.ndarray | None = None) -> float:
     """scores[i] over the mean score of the `window` frames on each side (frame 0, which has no score, and
-    frames where `masked` is True left out); 255 when that mean is ~0, as in AdaptiveDetector."""
+    frames where `masked` is True left out), capped at ADAPTIVE_MAX_RATIO, which it also is when that mean
+    is ~0 (ADAPTIVE_ZERO_MEAN), as in AdaptiveDetector."""
     lo, hi = max(1, i - window), min(len(scores), i + window + 1)
     nb = [j for j in range(lo, hi) if j != i and (masked is None or not masked[j])]
     mean = float(scores[nb].mean()) if nb else 0.0
-    return min(float(scores[i]) / mean, 255.0) if mean > 1e-5 else 255.0
+    return min(float(scores[i]) / mean, ADAPTIVE_MAX_RATIO) if mean > ADAPTIVE_ZERO_MEAN else ADAPTIVE_MAX_RATIO
 
 
 def edge_spikes(scores: np.ndarray, threshold: float, window: int, min_score: float) -> list[int]:
     """Frames whose score reaches `min_score` and `threshold` times the mean of the `window` frames on ONE
     side: where a burst of change starts or ends. A cut followed within a few frames by a flash is a burst
     of three or more large changes; AdaptiveDetector's two-sided mean hides every frame of it, but the cut is
-    where the burst starts."""
-    out = []
-    for i in range(1, len(scores)):
-        if scores[i] < min_score:
-            continue
-        left, right = scores[max(1, i - window) : i], scores[i + 1 : i + 1 + window]
-        if any(len(side) and scores[i] >= threshold * float(side.mean()) for side in (left, right)):
-            out.append(i)
-    return out
+    where the burst starts.
+
+    Frame 0 has no score and is left out of every mean; near the ends a side holds fewer frames, and an
+    empty side (frame 1's left, the last frame's right) never makes a spike.
+    """
+    s = np.asarray(scores)
+    left, right = _side_means(s, window)
+
+    def spikes_over(means: np.ndarray) -> np.ndarray:
+        # threshold x mean in float64, compared in the scores' dtype; NaN (an empty side) compares False
+        return s >= (threshold * means.astype(np.float64)).astype(s.dtype)
+
+    hits = (s >= min_score) & (spikes_over(left) | spikes_over(right))
+    hits[:1] = False
+    return [int(i) for i in np.flatnonzero(hits)]
+
+
+def _side_means(scores: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """(left, right) of a 1-d float array: per frame i, the mean of scores[max(1, i - window) : i] and of
+    scores[i + 1 : i + 1 + window] (frame 0, which has no score, left out), NaN for an empty side. Each
+    value is the very number that slice's own `.mean()` gives (numpy's reduction over a sliding window,
+    the shorter windows at both ends one by one), in the scores' dtype. A window under 1 has no sides."""
+    s = np.asarray(scores)
+    n = len(s)
+    left = np.full(n, np.nan, s.dtype)
+    right = np.full(n, np.nan, s.dtype)
+    if window < 1:
+        return left, right
+    if n - 1 >= window:
+        full = sliding_window_view(s[1:], window).mean(axis=-1)  # full[j] = mean of s[1 + j : 1 + j + window]
+        left[window + 1 :] = full[: n - window - 1]
+        right[1 : n - window] = full[1 : n - window]
+    for i in range(2, min(window + 1, n)):  # shorter left sides (frame 1's is empty)
+        left[i] = s[1:i].mean()
+    for i in range(max(1, n - window), n - 1):  # shorter right sides (the last frame's is empty)
+        right[i] = s[i + 1 :].mean()
+    return left, right

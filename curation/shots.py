@@ -13,8 +13,9 @@ evidence (curation/shot_evidence.py), measured the same way for all of them:
 
 Rules:
   1. Proposals: (a) the configured PySceneDetect detector's decision (content_score.adaptive_cuts /
-     content_cuts, equal to the library's) with its minimum scene length off (short shots are real), so every cut the plain AdaptiveDetector proposes is a candidate here too; (b) the edges of
-     bursts of change (a spike against the frames on ONE side): a cut followed 1-4 frames later by a flash
+     content_cuts, equal to the library's) with its minimum scene length off (short shots are real), so
+     every cut the plain AdaptiveDetector proposes is a candidate here too; (b) the edges of bursts of
+     change (a spike against the frames on ONE side): a cut followed 1-4 frames later by a flash
      is a burst of 3+ large changes, and a two-sided mean hides all of them; (c) strong changes
      (score >= strong_score) that are local maxima once flashes are left out: cuts inside fast motion, or
      right next to a flash.
@@ -43,10 +44,11 @@ import math
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal, get_args
+from typing import Literal
 
 import numpy as np
 
+from common.configtree import check_fields
 from common.dtypes import Precision
 from curation import content_score
 from curation.shot_evidence import edge_spikes, revert_test, spike_ratio, thumbnails
@@ -54,10 +56,6 @@ from curation.shot_evidence import edge_spikes, revert_test, spike_ratio, thumbn
 Detector = Literal["adaptive", "content"]
 SecondOpinionKind = Literal["transnet", "none"]
 TransnetDevice = Literal["cpu", "cuda"]
-DETECTORS = get_args(Detector)
-SECOND_OPINIONS = get_args(SecondOpinionKind)
-TRANSNET_PRECISIONS = get_args(Precision)
-TRANSNET_DEVICES = get_args(TransnetDevice)
 
 
 @dataclass
@@ -122,21 +120,20 @@ class ShotConfig:
     """Frames dropped at the end of every shot (guards against a cut detected one frame early)."""
 
     def __post_init__(self):
-        for name, valid in (("detector", DETECTORS), ("second_opinion", SECOND_OPINIONS),
-                            ("transnet_precision", TRANSNET_PRECISIONS), ("transnet_device", TRANSNET_DEVICES)):
-            if getattr(self, name) not in valid:
-                raise ValueError(f"ShotConfig.{name}={getattr(self, name)!r}: valid keys are {list(valid)}")
-        if self.max_clip_s <= 0 or self.min_shot_s < 0:
-            raise ValueError("ShotConfig.max_clip_s must be > 0 and min_shot_s >= 0")
-        if self.min_shot_s > self.max_clip_s:
-            raise ValueError(f"ShotConfig.min_shot_s={self.min_shot_s} exceeds max_clip_s={self.max_clip_s}")
-        if self.trim_start_frames < 0 or self.trim_end_frames < 0:
-            raise ValueError("ShotConfig.trim_start_frames / trim_end_frames must be >= 0")
-        if self.transnet_precision == "float16" and self.transnet_device == "cpu" and self.second_opinion == "transnet":
-            raise ValueError("ShotConfig.transnet_precision='float16' on transnet_device='cpu': CPUs emulate float16 "
-                             "(one TransNetV2 window took ~90 s instead of ~1 s); use 'auto', 'bfloat16' or 'float32'")
-        if self.adaptive_window < 1 or self.flash_max_s <= 0:
-            raise ValueError("ShotConfig.adaptive_window must be >= 1 and flash_max_s > 0")
+        cpu_float16 = (self.transnet_precision == "float16" and self.transnet_device == "cpu"
+                       and self.second_opinion == "transnet")
+        check_fields(
+            self,
+            ("max_clip_s", self.max_clip_s > 0, "must be > 0"),
+            ("min_shot_s", self.min_shot_s >= 0, "must be >= 0"),
+            ("min_shot_s", self.min_shot_s <= self.max_clip_s, f"exceeds max_clip_s={self.max_clip_s}"),
+            ("trim_start_frames", self.trim_start_frames >= 0, "must be >= 0"),
+            ("trim_end_frames", self.trim_end_frames >= 0, "must be >= 0"),
+            ("transnet_precision", not cpu_float16, "on transnet_device='cpu' CPUs emulate float16, many times "
+             "slower than bfloat16 or float32; use 'auto', 'bfloat16' or 'float32' (float16 is for GPUs)"),
+            ("adaptive_window", self.adaptive_window >= 1, "must be >= 1"),
+            ("flash_max_s", self.flash_max_s > 0, "must be > 0"),
+        )
 
     def flash_frames(self, fps: float) -> int:
         """The flash window in frames for this frame rate."""
@@ -176,9 +173,6 @@ class Candidate:
     second_opinion: float | None = None
 
 
-# --------------------------------------------------------------------------- PySceneDetect stage
-
-
 # --------------------------------------------------------------------------- second opinion
 
 
@@ -186,8 +180,8 @@ class SecondOpinion:
     """Cut probabilities from a second detector (TransNetV2), evaluated only near given frames.
 
     Built once per actor by the pipeline; `detect_cuts` builds a cached default when none is passed. The
-    weights path is checked here (a missing file is a config error, raised early), but the model (~1 s of
-    torch import + load) loads on the first call: sources without doubtful candidates never pay for it.
+    weights path is checked here (a missing file is a config error, raised early), but the model (a torch
+    import and a load) loads on the first call: sources without doubtful candidates never pay for it.
     """
 
     def __init__(self, cfg: ShotConfig):

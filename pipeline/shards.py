@@ -55,16 +55,14 @@ def plan_shards(samples: Iterable[tuple[str, str, int]], max_bytes: int) -> dict
     return plan
 
 
-def preload_writer() -> threading.Thread:
-    """Start importing webdataset on a daemon thread and return it.
+def preload_writer() -> None:
+    """Start importing webdataset on a daemon thread.
 
-    webdataset imports torch, which the driver has no other use for (~1.5 s of import on a 2-core
-    machine); the job starts this while the stream runs, so write_shard does not wait for it at the end.
+    webdataset imports torch, which the driver has no other use for and which takes a while to import; the
+    job starts this while the stream runs, so write_shard does not wait for it at the end.
     """
-    thread = threading.Thread(target=importlib.import_module, args=("webdataset",), name="import-webdataset",
-                              daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=importlib.import_module, args=("webdataset",), name="import-webdataset",
+                     daemon=True).start()
 
 
 def write_shard(path: str | Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> int:

@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 CLIP_LOAD_ERROR = "_clip_load_error"
 """Private source-row key: open_clip failed to load in a stage-1 actor (the driver stops the job)."""
 STAGE_BUG = "_stage_bug"
-"""Private source-row key: a stage raised a programming error on this source (the driver stops the job).
+"""Private source-row key: a stage raised an error that is not about the input on this source, a programming
+error or this machine failing (curation.errors.is_input_error); the driver stops the job.
 Handed to the driver as data because Ray Data drops a block whose task raised (pipeline/stream.py sets
 max_errored_blocks=-1 so a dead worker does not end the job): the source would be "lost" and the job exit 0."""
 

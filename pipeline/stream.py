@@ -106,8 +106,9 @@ def run_stream(cfg: CurateConfig, out: Path, todo: list[InputItem], plan: ActorP
                 if result.source_row.get(CLIP_LOAD_ERROR):
                     raise JobError(result.source_row[CLIP_LOAD_ERROR])
                 if result.source_row.get(STAGE_BUG):
-                    raise JobError(f"a programming error on {result.source_row['source']} (nothing of it "
-                                   f"staged), in {result.source_row[STAGE_BUG]}")
+                    raise JobError(f"an error that is not about the input (a bug, or this machine failing) on "
+                                   f"{result.source_row['source']} (nothing of it staged), in "
+                                   f"{result.source_row[STAGE_BUG]}")
                 staging.write_source(staging_dir, str(key), result.source_row, result.clip_rows, result.media)
                 done += 1
                 row = result.source_row

@@ -60,26 +60,22 @@ def ours(cfg: ShotConfig | None = None, second_opinion=None) -> Detector:
     return lambda small, fps: detect_cuts(small, fps, cfg, second_opinion)
 
 
-def run_scenedetect(small: np.ndarray, fps: float, detector) -> tuple[np.ndarray, list[int]]:
-    """Feed RGB frames to a PySceneDetect detector, frame by frame as the library does it; returns
-    (content_val per frame, cut frames). The anchor the curation detector is compared with; content_val
-    is read from the detector after each frame (`_frame_score`) instead of through a StatsManager, which
-    would also compute Canny edges that the default weights never use."""
+def run_scenedetect(small: np.ndarray, fps: float, detector) -> list[int]:
+    """Feed RGB frames to a PySceneDetect detector, frame by frame as the library's own video loop does
+    (BGR frames, one FrameTimecode each, then post_process); returns the cut frames. The anchor the curation
+    detector is compared with. A detector given a StatsManager (`detector.stats_manager`) records every
+    frame's metrics there, as in the library."""
     from scenedetect import FrameTimecode
 
     fps = float(fps)  # FrameTimecode rejects ints
-    detector.stats_manager = None
     cuts: list[int] = []
-    scores = np.zeros(len(small), np.float32)
     tc = None
     for i, frame in enumerate(small):
         tc = FrameTimecode(i, fps)
         cuts += [c.frame_num for c in detector.process_frame(tc, cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))]
-        scores[i] = detector._frame_score or 0.0
     if tc is not None:
         cuts += [c.frame_num for c in detector.post_process(tc)]
-    scores[:1] = 0.0  # the first frame has nothing to be compared with
-    return scores, sorted(set(c for c in cuts if 0 < c < len(small)))
+    return sorted(set(c for c in cuts if 0 < c < len(small)))
 
 
 def scenedetect_default(kind: str) -> Detector:
@@ -87,7 +83,7 @@ def scenedetect_default(kind: str) -> Detector:
     from scenedetect.detectors import AdaptiveDetector, ContentDetector
 
     make = {"adaptive": AdaptiveDetector, "content": ContentDetector}[kind]
-    return lambda small, fps: run_scenedetect(small, fps, make())[1]
+    return lambda small, fps: run_scenedetect(small, fps, make())
 
 
 def transnet_alone(scorer, threshold: float = 0.5) -> Detector:

@@ -48,7 +48,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from curation.decode import DecodeConfig, decode_video
+from curation.decode import decode_video
+from curation.decode_types import DecodeConfig
 from tests.synth import write_video
 
 FPS = 24.0

@@ -7,7 +7,7 @@
         trainer_state_rank1.pt
         config.yaml                  the resolved config tree of the run
         COMPLETE                     written last, by rank 0, after a barrier (JSON: step, world size)
-      latest                         name of the newest complete folder (tmp + fsync + rename)
+      latest                         name of the newest complete folder (common.atomic: tmp + fsync + rename)
 
 A folder without COMPLETE is a save that died half way: resume never reads it (the newest COMPLETE
 folder wins) and the next save of the same step clears it first. Trainer states hold only tensors and
@@ -17,7 +17,6 @@ plain Python values (RNG states included), so they load with `torch.load(weights
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common import atomic
 from training import engine as ds
 
 CHECKPOINTS = "checkpoints"
@@ -81,21 +81,6 @@ def find_resume(output_dir: str | Path, resume: str) -> Path | None:
     return folder
 
 
-def _fsync_write(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --------------------------------------------------------------------------------------- RNG states
 def rng_state() -> dict[str, Any]:
     """Global RNG states (torch CPU/CUDA, numpy, python) as tensors and plain values."""
@@ -139,17 +124,14 @@ def save(output_dir: str | Path, step: int, engine, trainer_state: dict[str, Any
     ds.save_engine(engine, folder)
     torch.save(trainer_state, trainer_state_path(folder, dist_info.rank))
     if dist_info.is_main:
-        _fsync_write(folder / CONFIG_NAME, config_yaml)
+        atomic.write_text(folder / CONFIG_NAME, config_yaml)
     ds.barrier()
     if dist_info.is_main:
         marker = {"step": step, "world_size": dist_info.world_size, "time": time.time()}
-        _fsync_write(folder / COMPLETE, json.dumps(marker) + "\n")
-        _fsync_dir(folder)
+        atomic.write_text(folder / COMPLETE, json.dumps(marker) + "\n")  # durable before `latest` names it
         root = checkpoints_dir(output_dir)
-        tmp = root / f".{LATEST}.tmp"
-        _fsync_write(tmp, folder.name + "\n")
-        os.replace(tmp, root / LATEST)
-        _fsync_dir(root)
+        atomic.remove_temp_files(root)  # of a `latest` whose write a kill interrupted
+        atomic.write_text(root / LATEST, folder.name + "\n")
         for _, old in complete_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     ds.barrier()

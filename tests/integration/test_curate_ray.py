@@ -3,7 +3,8 @@
 Inputs: the short real clips of ../shared (skipped without it) + generated poison files (0 bytes, text
 renamed .mp4, truncated, a faststart mp4 cut in half whose header lies about its frame count, a caption that
 is not UTF-8) + an image-text pair. Checks the output contract, every shard kind read back through a
-`webdataset` pipeline (members, json = manifest row), exact clip durations, and that a run whose driver is SIGKILLed mid-way and then resumed equals an uninterrupted run.
+`webdataset` pipeline (members, json = manifest row), exact clip durations, and that a run whose driver
+is SIGKILLed mid-way and then resumed equals an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+
+from common.atomic import is_temp
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,7 +80,8 @@ def inputs(shared_videos, tmp_path_factory) -> dict:
     lying.write_bytes(data[: len(data) // 2])
     (folder / "header_lies.txt").write_text("a robot close-up and a man on a canal bridge")
     (folder / "bad_caption.mp4").symlink_to(shared_videos / SHARED_CLIPS[1])
-    (folder / "bad_caption.txt").write_bytes(b"\xff\xfe\x00caf\xe9 broken")
+    # Latin-1 without a byte-order mark: neither UTF-8 nor UTF-16 (b"\xff\xfe..." would be UTF-16 with a BOM)
+    (folder / "bad_caption.txt").write_bytes(b"caf\xe9 cr\xe8me br\xfbl\xe9e, broken")
     (folder / "still.jpg").write_bytes((REPO / "tests/assets/sample/tears_of_steel_frame_0040.jpg").read_bytes())
     (folder / "still.txt").write_text("a young man faces a giant robot on a bridge over a canal")
     with av.open(str(lying)) as c:
@@ -161,7 +165,10 @@ def test_shards_hold_exactly_the_kept_clips_with_exact_durations(full_run):
     assert set(samples) == set(kept["clip_id"])  # every kept row in one shard, nothing else in any shard
     assert clips.loc[~clips["kept"], "shard"].isna().all() and clips.loc[~clips["kept"], "reject_reason"].notna().all()
     assert kept["reject_reason"].isna().all()
-    assert not list((full_run / "shards").glob("*.tmp"))
+    # no temp file of an atomic write (NAME.tmp-PID-HEX, or an older writer's NAME.tmp) left in either folder
+    for folder in ("shards", "staging"):
+        assert (full_run / folder).is_dir(), folder
+        assert not [p.name for p in (full_run / folder).iterdir() if is_temp(p.name)], folder
     assert {s["shard"].split("-")[0] for s in samples.values()} == {"video", "image"}  # both kinds written
     manifest_rows = {r["clip_id"]: r for r in pq.read_table(full_run / "manifest" / "clips.parquet").to_pylist()}
     for row in kept.itertuples():
@@ -238,14 +245,19 @@ def test_killed_then_resumed_run_equals_uninterrupted(ray_cluster, inputs, full_
     assert all(a[k].get("mp4") == b[k].get("mp4") for k in a)  # the same encoded bytes
 
 
+def _sample_inputs(folder: Path, *extra: str) -> Path:
+    """`folder` holding the one image-text pair of tests/assets/sample (+ the `extra` files named from there)."""
+    folder.mkdir()
+    sample = REPO / "tests" / "assets" / "sample"
+    for name in ("tears_of_steel_frame_0040.jpg", "tears_of_steel_frame_0040.txt", *extra):
+        (folder / name).write_bytes((sample / name).read_bytes())
+    return folder
+
+
 def test_cli_under_ray_job_submit(ray_cluster, tmp_path):
     """`ray job submit --working-dir . -- python -m pipeline.curate ...` as a user runs it."""
     out = tmp_path / "out"
-    inp = tmp_path / "inp"
-    inp.mkdir()
-    sample = REPO / "tests" / "assets" / "sample"
-    for name in ("tears_of_steel_frame_0040.jpg", "tears_of_steel_frame_0040.txt", "broken_upload.mp4"):
-        (inp / name).write_bytes((sample / name).read_bytes())
+    inp = _sample_inputs(tmp_path / "inp", "broken_upload.mp4")
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster["dashboard"],
            "--working-dir", ".", "--", "python", "-m", "pipeline.curate", "--input", str(inp), "--output", str(out)]
     res = subprocess.run(cmd, env=ray_cluster["env"], cwd=REPO, capture_output=True, text=True, timeout=240)
@@ -260,11 +272,7 @@ def test_cli_under_ray_job_submit(ray_cluster, tmp_path):
 def test_cuda_for_open_clip_on_a_cluster_without_gpu_is_refused_before_any_work(ray_cluster, tmp_path):
     """The cluster has no GPU: scores.clip.device=cuda stops the job with exit status 2 and the field named,
     before any source is processed or anything is written to OUT."""
-    inp = tmp_path / "inp"
-    inp.mkdir()
-    sample = REPO / "tests" / "assets" / "sample"
-    for name in ("tears_of_steel_frame_0040.jpg", "tears_of_steel_frame_0040.txt"):
-        (inp / name).write_bytes((sample / name).read_bytes())
+    inp = _sample_inputs(tmp_path / "inp")
     env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["address"]}
     res = subprocess.run(_curate_cmd(inp, tmp_path / "out", ["scores.clip.device=cuda"]), env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=240)
@@ -278,11 +286,7 @@ def test_open_clip_that_cannot_load_stops_the_job_with_its_reason(ray_cluster, t
     ends the job with that reason and exit status 1, not with every clip silently rejected."""
     broken = tmp_path / "open_clip_model.safetensors"
     broken.write_bytes(b"not a safetensors file")
-    inp = tmp_path / "inp"
-    inp.mkdir()
-    sample = REPO / "tests" / "assets" / "sample"
-    for name in ("tears_of_steel_frame_0040.jpg", "tears_of_steel_frame_0040.txt"):
-        (inp / name).write_bytes((sample / name).read_bytes())
+    inp = _sample_inputs(tmp_path / "inp")
     env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["address"]}
     res = subprocess.run(_curate_cmd(inp, tmp_path / "out", [f"scores.clip.checkpoint={broken}"]), env=env,
                          cwd=REPO, capture_output=True, text=True, timeout=240)

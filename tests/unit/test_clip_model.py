@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from curation import clip_model
-from curation.clip_score import (TINY_MODEL, TINY_MODEL_CFG, ClipScoreConfig, ClipScorer, _register_tiny_model,
-                                 architecture, open_clip_folder)
+from curation.clip_score import (TINY_MODEL, TINY_MODEL_CFG, ClipScoreConfig, ClipScorer, architecture,
+                                 open_clip_folder, register_tiny_model)
 
 BPE = open_clip_folder() / "bpe_simple_vocab_16e6.txt.gz"
 TEXTS = ["A red car drives along a coastal road at sunset.", "", "   ", "don't stop: 1,234 émigrés’ café",
@@ -52,7 +52,7 @@ QUICK = {**copy.deepcopy(TINY_MODEL_CFG), "quick_gelu": True,
 def pair(request):
     name = request.param
     if name == TINY_MODEL:
-        _register_tiny_model()
+        register_tiny_model()
         cfg = TINY_MODEL_CFG
     elif name == "tiny-quickgelu":
         cfg = QUICK
@@ -125,7 +125,7 @@ def test_scorer_uses_the_plain_model_and_reads_open_clip_checkpoint_layouts(tmp_
     torch.manual_seed(0)
     plain = ClipScorer(ClipScoreConfig(model=TINY_MODEL, device="cpu"))
     assert isinstance(plain.model, clip_model.PlainCLIP)
-    _register_tiny_model()
+    register_tiny_model()
     torch.manual_seed(0)
     ref = open_clip.create_model(TINY_MODEL, pretrained=None).eval()
     frames = _frames(3)

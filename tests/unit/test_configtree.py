@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from common.configtree import ConfigError, flatten, from_dict, load, to_yaml
+from common.configtree import ConfigError, FieldError, check_fields, flatten, from_dict, load, to_yaml
 
 
 @dataclass
@@ -72,3 +72,51 @@ def test_literal_choices_are_validated_and_named():
     assert load(WithChoice, None, ["mode=exact"]).mode == "exact"
     with pytest.raises(ConfigError, match=r"mode: 'quick' is not one of \['fast', 'exact'\]"):
         load(WithChoice, None, ["mode=quick"])
+
+
+@dataclass
+class Checked:
+    """A config class that checks its own fields, as curation's DecodeConfig / ShotConfig do."""
+
+    mode: Literal["fast", "exact"] = "fast"
+    device: Literal["cpu", "cuda"] | None = None
+    width: int = 16
+
+    def __post_init__(self):
+        check_fields(self, ("width", self.width >= 16 and self.width % 2 == 0, "must be even and >= 16"))
+
+
+@dataclass
+class PlainCheck:
+    ratio: float = 0.5
+
+    def __post_init__(self):
+        if not 0 <= self.ratio <= 1:
+            raise ValueError(f"ratio must lie in [0, 1], got {self.ratio}")
+
+
+@dataclass
+class Sections:
+    checked: Checked = field(default_factory=Checked)
+    plain: PlainCheck = field(default_factory=PlainCheck)
+
+
+def test_a_class_check_is_a_config_error_naming_the_dotted_field():
+    with pytest.raises(ConfigError, match=r"^checked.width=15: must be even and >= 16$"):
+        load(Sections, None, ["checked.width=15"])
+    with pytest.raises(ConfigError, match=r"^plain: ratio must lie in \[0, 1\], got 2.0$"):  # a plain ValueError
+        load(Sections, None, ["plain.ratio=2"])
+    with pytest.raises(ConfigError, match=r"^Checked.width=15: "):  # without a path: the class name
+        from_dict(Checked, {"width": 15})
+
+
+def test_built_in_code_the_same_checks_hold_literals_included():
+    """Code that builds a config directly (no loader) gets the same FieldError, Literal choices checked."""
+    with pytest.raises(FieldError, match=r"^Checked.width=15: must be even"):
+        Checked(width=15)
+    with pytest.raises(FieldError, match=r"^Checked.mode='quick': valid keys are \['fast', 'exact'\]$"):
+        Checked(mode="quick")
+    with pytest.raises(FieldError, match=r"^Checked.device='tpu': valid keys are \['cpu', 'cuda', None\]$"):
+        Checked(device="tpu")
+    assert Checked(mode="exact", device=None, width=18).device is None
+    assert Checked(device="cuda").device == "cuda"

@@ -1,7 +1,8 @@
 """curation.content_score gives exactly PySceneDetect's content_val and cuts, on real and constructed frames.
 
 The reference is PySceneDetect itself, fed frame by frame as its own video loop does (BGR frames, one
-FrameTimecode each), with a StatsManager to read every frame's content_val as the library records it.
+FrameTimecode each: tests/shot_scoring.run_scenedetect, the same feeder as the accuracy anchor), with a
+StatsManager to read every frame's content_val as the library records it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import numpy as np
 import pytest
 
 from curation import content_score
-from curation.decode import DecodeConfig, decode_video
+from curation.decode import decode_video
+from curation.decode_types import DecodeConfig
 from tests import synth
+from tests.shot_scoring import run_scenedetect
 
 
 def reference(frames: np.ndarray, detector: str, fps: float = 24.0, **kwargs) -> tuple[np.ndarray, list[int]]:
@@ -25,15 +28,12 @@ def reference(frames: np.ndarray, detector: str, fps: float = 24.0, **kwargs) ->
            else ContentDetector(min_scene_len=0, **kwargs))
     stats = StatsManager()
     det.stats_manager = stats
-    cuts: list[int] = []
-    for i, frame in enumerate(frames):
-        cuts += [c.frame_num for c in det.process_frame(FrameTimecode(i, fps), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))]
-    cuts += [c.frame_num for c in det.post_process(FrameTimecode(max(0, len(frames) - 1), fps))]
+    cuts = run_scenedetect(frames, fps, det)
     key = ContentDetector.FRAME_SCORE_KEY
     scores = np.zeros(len(frames))
     for i in range(1, len(frames)):
         scores[i] = stats.get_metrics(FrameTimecode(i, fps), [key])[0]
-    return scores, sorted(set(c for c in cuts if 0 < c < len(frames)))
+    return scores, cuts
 
 
 def ours(frames: np.ndarray, detector: str, **kwargs) -> tuple[np.ndarray, list[int]]:

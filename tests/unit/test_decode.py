@@ -8,13 +8,14 @@ import av
 import numpy as np
 import pytest
 
-from curation.decode import (DecodeConfig, DecoderProcess, current_decoder, decode_range, decode_video, small_size,
-                             work_size)
-from curation.decode_types import DecodeRequest
+from common import configtree
+from common.configtree import ConfigError
+from curation.decode import DecoderProcess, decode_range, decode_video
+from curation.decode_types import DecodeConfig, DecodeRequest, small_size, work_size
 from curation.errors import DecoderBugError, SourceError
 from curation.probe import probe
 from tests import synth
-from tests.decoder_faults import fault_command
+from tests.decoder_faults import fault_command, running_decoders
 
 FPS = 24.0
 
@@ -147,28 +148,48 @@ def test_codec_decord_lacks_falls_back_to_pyav(tmp_path):
     assert v.num_frames == 12 and v.backend == "pyav"
 
 
+@pytest.mark.parametrize("isolation", ["process", "none"])
+def test_decord_failing_on_an_input_is_a_source_error(tmp_path, isolation):
+    """What decord raises on a bad input, while reading (a file cut short mid-way) or while opening (a codec
+    its FFmpeg build lacks), is this source's error, in either isolation."""
+    lying, _ = synth.write_lying_header_mp4(tmp_path / "lying.mp4")
+    with pytest.raises(SourceError, match=r"^decord failed: .*av_read_frame failed"):
+        decode_video(lying, DecodeConfig(backend="decord", isolation=isolation))
+    if "libsvtav1" in av.codecs_available:
+        av1 = synth.write_video(tmp_path / "av1.mp4", synth.moving_shot(12, 96, 160, seed=1), codec="libsvtav1")
+        with pytest.raises(SourceError, match=r"^decord failed: .*cannot find video stream"):
+            decode_video(av1, DecodeConfig(backend="decord", isolation=isolation))
+
+
 def test_max_frames_is_an_error_not_a_silent_cut(shots_video):
     path, _, _ = shots_video
     with pytest.raises(SourceError, match="max_frames=50"):
         decode_video(path, DecodeConfig(max_frames=50))
 
 
-def test_hanging_decoder_is_killed(shots_video):
+# The isolation itself is DecoderProcess.run (what decode_video calls with the calling thread's decoder):
+# these tests give it decoder processes that fail on purpose (tests/decoder_faults.py).
+
+
+def _request(path, folder, **cfg) -> DecodeRequest:
+    return DecodeRequest(src=str(path), cfg=DecodeConfig(**cfg), folder=str(folder))
+
+
+def test_hanging_decoder_is_killed(shots_video, tmp_path):
     path, _, _ = shots_video
-    # a decoder process (tests/decoder_faults.py) that blocks inside C (libc pause()) on its request; only
-    # killing the process can end it
+    # a decoder process that blocks inside C (libc pause()) on its request; only killing it can end it
     hanging = DecoderProcess(fault_command("hang"))
     with pytest.raises(SourceError, match="decode timed out after 1 s"):
-        decode_video(path, DecodeConfig(timeout_s=1.0), decoder=hanging)
+        hanging.run(_request(path, tmp_path), timeout_s=1.0)
     assert hanging.proc is None  # killed and reaped
     assert decode_video(path, DecodeConfig()).num_frames == 90  # the caller is fine afterwards
 
 
-def test_crashing_decoder_is_an_error_not_a_crash(shots_video):
+def test_crashing_decoder_is_an_error_not_a_crash(shots_video, tmp_path):
     path, _, _ = shots_video
     crashing = DecoderProcess(fault_command("crash"))  # segfaults in C on its request
     with pytest.raises(SourceError, match="decoder crashed \\(SIGSEGV\\)"):
-        decode_video(path, DecodeConfig(), decoder=crashing)
+        crashing.run(_request(path, tmp_path), timeout_s=60)
     assert crashing.proc is None
     assert decode_video(path, DecodeConfig()).num_frames == 90
 
@@ -179,20 +200,25 @@ def test_decoder_failing_in_our_code_is_a_bug_not_a_source_error(shots_video, tm
     not an input error, so process_source re-raises it and the job fails."""
     path, _, n = shots_video
     with pytest.raises(DecoderBugError, match="exited with code 3"):
-        decode_video(path, DecodeConfig(), decoder=DecoderProcess(fault_command("exit")))
-    request = DecodeRequest(src=str(path), cfg=DecodeConfig(), folder=str(tmp_path), start="0")
+        DecoderProcess(fault_command("exit")).run(_request(path, tmp_path), timeout_s=60)
+    real = DecoderProcess()  # the production worker (curation/decode_worker.py)
+    bad = DecodeRequest(src=str(path), cfg=DecodeConfig(), folder=str(tmp_path), start="0")
     with pytest.raises(DecoderBugError, match="TypeError"):
-        current_decoder().run(request, timeout_s=60)
-    assert decode_video(path, DecodeConfig()).num_frames == n  # the same worker goes on with the next source
+        real.run(bad, timeout_s=60)
+    pid = real.proc.pid
+    assert real.run(_request(path, tmp_path), timeout_s=60).count == n  # the same worker goes on
+    assert real.proc.pid == pid
+    real.kill()
 
 
 def test_one_decoder_process_serves_many_sources(shots_video):
     path, _, n = shots_video
     decode_video(path, DecodeConfig())
-    pid = current_decoder().proc.pid
+    before = running_decoders()
+    assert before  # this thread's decoder process
     for _ in range(3):
         assert decode_video(path, DecodeConfig()).num_frames == n
-    assert current_decoder().proc.pid == pid and current_decoder().proc.poll() is None
+    assert running_decoders() == before  # none started, none gone
 
 
 @pytest.mark.parametrize("isolation", ["process", "none"])
@@ -208,6 +234,8 @@ def test_video_frames_over_max_pixels_are_rejected_before_decoding(shots_video, 
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         DecodeConfig(**{field: value})
+    with pytest.raises(ConfigError, match=rf"^decode.{field}"):  # loaded: a ConfigError naming the dotted key
+        configtree.from_dict(DecodeConfig, {field: value}, "decode")
 
 
 def test_decode_after_caller_used_opencv_threads(shots_video):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 import random
+import typing
 
 import pytest
 
 from common.configtree import ConfigError
-import typing
-
 from curation.config import CurateConfig
 from curation.filters import (
     REJECT_REASONS,
@@ -169,8 +168,8 @@ def _row(cid, kind="video", **kw):
 
 
 def test_job_filter_kinds_dedup_random_weights_and_unencoded():
-    """The late filter as pipeline.finalize calls it: per kind, dedup per kind, random CLIP weights, and a
-    clip that passes but was never encoded."""
+    """The late filter as pipeline.finalize calls it: per kind, dedup per kind, random CLIP weights, a
+    rejected clip that stage 1 never encoded, and a passing one that it never encoded (a bug: it raises)."""
     cfg = CurateConfig().filter
     cfg.min_clip_similarity = 0.25
     rows = [
@@ -179,16 +178,20 @@ def test_job_filter_kinds_dedup_random_weights_and_unencoded():
         _row("c_1", motion=0.0, phash=1),              # static
         _row("d_1", clip_similarity=0.1, phash=2**40), # caption mismatch (real weights)
         _row("e_1", kind="image"),                     # images: no motion/duration rules; own dedup group
-        _row("f_1", phash=2**50 + 3),                  # passes, but was never encoded
+        _row("f_1", phash=2**50 + 3, score_error="clip scoring failed: ValueError: x"),  # stage 2 failed on it
         _row("g_1", kind="image", clip_similarity=0.35, phash=0x0F0F0F0F0F0F0F0E),  # = b_1 hash, other kind
     ]
-    apply_filters(rows, cfg, media_bytes=[10, 10, 0, 10, 10, 0, 10], random_weights=False)
+    unencoded = _row("h_1", phash=2**55 + 7)  # passes every rule, but stage 1 encoded nothing for it
+    with pytest.raises(RuntimeError, match="clip h_1 passes the late filter but stage 1 encoded nothing"):
+        apply_filters([dict(r) for r in rows] + [unencoded], cfg, media_bytes=[10] * len(rows) + [0],
+                      random_weights=False)
+    apply_filters(rows, cfg, media_bytes=[10, 10, 0, 10, 10, 0, 10], random_weights=False)  # c_1, f_1: rejected
     got = {r["clip_id"]: r["reject_reason"] for r in rows}
     assert got == {"a_1": "duplicate", "b_1": None, "c_1": "static", "d_1": "caption_mismatch", "e_1": "duplicate",
                    "f_1": "score_error", "g_1": None}
     assert rows[0]["duplicate_of"] == "b_1" and rows[4]["duplicate_of"] == "g_1"
     assert [r["kept"] for r in rows] == [False, True, False, False, False, False, True]
-    assert "not encoded" in rows[5]["score_error"]
+    assert rows[5]["score_error"] == "clip scoring failed: ValueError: x" and rows[2]["score_error"] is None
     # random weights: no similarity threshold, and the sharper duplicate wins instead of the "better match"
     rows = [_row("d_1", clip_similarity=0.1, sharpness=300.0), _row("g_1", clip_similarity=0.9, phash=rows[0]["phash"])]
     apply_filters(rows, cfg, media_bytes=[10, 10], random_weights=True)

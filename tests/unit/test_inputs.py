@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from curation.inputs import InputItem, list_inputs, read_bytes, source_key
+from curation.errors import SourceError
+from curation.inputs import InputItem, list_inputs, read_source, source_key
 
 
 def _touch(path: Path, data: bytes = b"x") -> Path:
@@ -81,18 +82,24 @@ def test_table_urls_and_bad_tables(tmp_path):
     assert "expected text" in list_inputs(str(tmp_path / "num.parquet"))[0].caption_error
 
 
-def test_read_bytes_local_and_fsspec_memory(tmp_path):
+def test_read_source_local_and_fsspec_memory(tmp_path):
     import fsspec
 
     p = _touch(tmp_path / "v.mp4", b"abc")
-    assert read_bytes(str(p)) == b"abc"
+    assert read_source(str(p), 3) == b"abc"
+    assert read_source(str(p), 3, as_bytes=False) == str(p)  # a local video goes to the decoder by path
     with fsspec.open("memory://curate-test/v.mp4", "wb") as fh:
         fh.write(b"remote-bytes")
-    assert read_bytes("memory://curate-test/v.mp4") == b"remote-bytes"
-    with pytest.raises(ValueError, match="limit"):
-        read_bytes("memory://curate-test/v.mp4", max_bytes=4)
-    with pytest.raises(FileNotFoundError):
-        read_bytes(str(tmp_path / "nope.mp4"))
+    assert read_source("memory://curate-test/v.mp4", 100, as_bytes=False) == b"remote-bytes"  # URLs: bytes
+    for uri in (str(p), "memory://curate-test/v.mp4"):  # one size limit for every input, checked unread
+        with pytest.raises(SourceError, match=r"^file is \d+ bytes, over job.max_source_bytes=2$"):
+            read_source(uri, 2, as_bytes=False)
+    with pytest.raises(SourceError, match="^empty file"):
+        read_source(str(_touch(tmp_path / "e.mp4", b"")), 100)
+    with pytest.raises(SourceError, match="^unreadable: FileNotFoundError"):
+        read_source(str(tmp_path / "nope.mp4"), 100)
+    with pytest.raises(SourceError, match="^unreadable: .*nosuchproto"):  # fsspec's ValueError, as data
+        read_source("nosuchproto://bucket/v.mp4", 100)
 
 
 def test_source_key_is_stable_and_distinct():

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import codecs
+import dataclasses
+import errno
 import io
+import os
 from pathlib import Path
 
 import av
@@ -12,7 +15,8 @@ import numpy as np
 import pytest
 
 from curation.config import load_config
-from curation.inputs import InputItem, list_inputs
+from curation.errors import SourceError, is_input_error, reading_input
+from curation.inputs import InputItem, list_inputs, read_source
 from curation.probe import probe as probe_bytes
 from curation.process import clip_id_for, process_source
 
@@ -278,18 +282,51 @@ def _raised(fn) -> BaseException:
 
 @pytest.mark.parametrize("make", [
     lambda: _raised(lambda: probe_bytes(b"not a video")),  # SourceError
-    lambda: _raised(lambda: open("/nonexistent/input.mp4", "rb")),  # OSError
+    lambda: _raised(lambda: read_source("/nonexistent/input.mp4", 100)),  # reading an input: its OSError as data
     lambda: _raised(lambda: av.open(io.BytesIO(b"\x00" * 64))),  # PyAV
     lambda: _raised(lambda: cv2.resize(np.zeros((0, 0), np.uint8), (2, 2))),  # OpenCV
     lambda: _raised(lambda: __import__("PIL.Image").Image.open(io.BytesIO(b"junk"))),  # PIL: an OSError
     lambda: __import__("PIL.Image").Image.DecompressionBombError("Image size (900000000 pixels) exceeds ..."),
     lambda: MemoryError(),
     lambda: EOFError("compressed file ended before the end-of-stream marker was reached"),
-], ids=["SourceError", "OSError", "av", "cv2", "PIL", "DecompressionBombError", "MemoryError", "EOFError"])
+], ids=["SourceError", "unreadable", "av", "cv2", "PIL", "DecompressionBombError", "MemoryError", "EOFError"])
 def test_input_and_library_errors_are_data(make):
-    from curation.errors import is_input_error
-
     assert is_input_error(make())
+
+
+def _no_space() -> OSError:
+    """A real 'No space left on device': a write to /dev/full."""
+    with open("/dev/full", "wb", buffering=0) as fh:
+        return _raised(lambda: fh.write(b"x"))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_oserrors_are_data_only_where_an_input_is_read_and_never_about_this_machine(tmp_path):
+    """A bare OSError (our scratch files, staging, shards) is no input error; reading an input turns its
+    OSError into SourceError, except the ones that describe this machine (a full disk...), which propagate."""
+    full = _no_space()
+    assert full.errno == errno.ENOSPC and not is_input_error(full)
+    assert not is_input_error(_raised(lambda: open(tmp_path / "missing" / "frames.raw", "wb")))
+    with pytest.raises(OSError) as err, reading_input("unreadable"):
+        open("/dev/full", "wb", buffering=0).write(b"x")
+    assert err.value.errno == errno.ENOSPC and not isinstance(err.value, SourceError)
+    with pytest.raises(SourceError, match="^unreadable: FileNotFoundError: "), reading_input("unreadable"):
+        open(tmp_path / "gone.mp4", "rb")
+    assert is_input_error(_raised(lambda: read_source(str(tmp_path), 100)))  # a folder: IsADirectoryError
+
+
+def test_a_scratch_folder_that_cannot_be_written_stops_the_job_while_a_missing_input_is_a_row(cfg, video, tmp_path):
+    """decode.scratch_dir is a file here (the decoder's scratch cannot be created): that is this machine
+    failing, so process_source raises instead of recording the source as bad input (a resume would skip
+    it); the same config still records a missing input as a status=error row."""
+    blocked = tmp_path / "scratch"
+    blocked.write_text("not a folder")
+    broken = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, scratch_dir=str(blocked)))
+    with pytest.raises(NotADirectoryError):
+        process_source(_item(video), broken)
+    gone = process_source(_item(tmp_path / "gone.mp4"), broken).source_row
+    assert gone["status"] == "error" and gone["error"].startswith("unreadable: FileNotFoundError")
+    assert process_source(_item(video), cfg).source_row["status"] == "ok"
 
 
 @pytest.mark.parametrize("fn", [
@@ -297,7 +334,7 @@ def test_input_and_library_errors_are_data(make):
     lambda: [][0], lambda: int("x"), lambda: np.zeros(3).reshape(2, 2),
 ])
 def test_programming_errors_are_not_data(fn):
-    from curation.errors import DecoderBugError, is_input_error
+    from curation.errors import DecoderBugError
 
     assert not is_input_error(_raised(fn))
     assert not is_input_error(AssertionError()) and not is_input_error(DecoderBugError("x"))

@@ -37,7 +37,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from curation.decode import DecodeConfig, decode_video
+from curation.decode import decode_video
+from curation.decode_types import DecodeConfig
 from curation.shots import SecondOpinion, ShotConfig, classify_candidates, detect_cuts
 from tests import shot_scoring as scoring
 from tests.shot_sets import SETS, build_sets, load_sources, make_video, single_shot_segments

@@ -9,7 +9,8 @@ import pytest
 
 from common import configtree
 from common.configtree import ConfigError
-from curation.decode import DecodeConfig, decode_video
+from curation.decode import decode_video
+from curation.decode_types import DecodeConfig
 from curation.shots import ClipSpan, SecondOpinion, ShotConfig, classify_candidates, detect_cuts, shots_to_clips
 from tests import synth
 
@@ -98,8 +99,9 @@ def test_transnet_precision_resolves_through_common_dtypes(precision, dtype):
 
 
 def test_float16_transnet_is_for_gpus_only():
-    """CPUs emulate float16 (one window took ~90 s): refused in the config, before any work."""
-    with pytest.raises(ValueError, match="float16"):
+    """CPUs emulate float16 (many times slower than bfloat16 or float32): refused in the config, before any
+    work, naming the key."""
+    with pytest.raises(ConfigError, match=r"^shots.transnet_precision='float16': on transnet_device='cpu'"):
         configtree.from_dict(ShotConfig, {"transnet_precision": "float16"}, "shots")
     assert ShotConfig(transnet_precision="float16", transnet_device="cuda").transnet_precision == "float16"
 
@@ -172,6 +174,43 @@ def test_revert_test_finds_the_flash_frames_net_of_motion():
     assert (b, a) == (19, 22) and ratio < 0.1
     ratio_cut, *_ = revert_test(thumbnails(hsv_frames(synth.shots_frames([20, 20])[0]))[0], 20, 6)
     assert ratio_cut == 1.0
+
+
+def _edge_spikes_by_definition(scores, threshold, window, min_score):
+    """edge_spikes as its docstring defines it, frame by frame (the oracle of the vectorised one)."""
+    out = []
+    for i in range(1, len(scores)):
+        if scores[i] < min_score:
+            continue
+        left, right = scores[max(1, i - window) : i], scores[i + 1 : i + 1 + window]
+        if any(len(side) and scores[i] >= threshold * float(side.mean()) for side in (left, right)):
+            out.append(i)
+    return out
+
+
+def test_edge_spikes_are_bit_identical_to_the_frame_by_frame_definition():
+    """Random scores, scores on a coarse grid (ratios land exactly on the threshold, and one float32 step
+    either side of it), and real content values; every window size from 0 to past numpy's 8-element
+    pairwise-summation block, both ends of short arrays included."""
+    from curation.content_score import content_values, hsv_frames
+    from curation.shot_evidence import edge_spikes
+
+    rng = np.random.default_rng(0)
+    frames, _ = synth.shots_frames([9, 3, 14, 2, 20], seed=4)
+    real = content_values(hsv_frames(np.concatenate([frames, synth.flash_frames(n=16, flash_at=8)])))
+    cases = [real.astype(np.float32), real]
+    for _ in range(100):
+        n = int(rng.integers(0, 50))
+        cases.append((rng.gamma(0.6, 8, n) * (rng.random(n) < 0.8)).astype(np.float32))
+        cases.append((rng.integers(0, 7, n) / 2.0).astype(rng.choice([np.float32, np.float64])))
+    hits = 0
+    for scores in cases:
+        for window in range(0, 11):
+            for threshold, min_score in ((3.0, 15.0), (3.0, 0.0), (1.5, 1.0), (np.nextafter(np.float32(2), 3), 0.5)):
+                want = _edge_spikes_by_definition(scores, float(threshold), window, min_score)
+                assert edge_spikes(scores, float(threshold), window, min_score) == want, (scores, window, threshold)
+                hits += len(want)
+    assert hits > 1000  # the comparison is not one of empty lists
 
 
 # --------------------------------------------------------------------------- shots_to_clips

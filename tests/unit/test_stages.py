@@ -15,8 +15,10 @@ from curation.config import load_config
 from curation.inputs import InputItem
 from common.configtree import ConfigError
 from pipeline.cluster import plan_actors
-from pipeline.stages import CLIP_LOAD_ERROR, STAGE_BUG, ProcessSources, ScoreClips, decode_payload, item_to_row
+from pipeline.stages import (CLIP_LOAD_ERROR, STAGE_BUG, ClipScoring, ProcessSources, ScoreClips, decode_payload,
+                             item_to_row)
 from tests import synth
+from tests.decoder_faults import running_decoders
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_YAML = REPO / "configs" / "curate_default.yaml"
@@ -61,6 +63,35 @@ def test_open_clip_in_stage1_equals_its_own_stage(cfg, videos):
     assert fused.media == two_stage.media
 
 
+def test_clip_scoring_fills_each_clip_row_and_handles_missing_frames_and_captions(cfg):
+    """ClipScoring.score, what both placements of open_clip run: per clip the cosine between its mean frame
+    embedding and the source's caption (clips of several sizes in one source), NaN for a clip without frames
+    or a source without a caption; the sampled frames are dropped afterwards."""
+    from curation.clip_score import clip_similarity
+    from curation.process import SourceResult
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (3, 72, 128, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (2, 40, 60, 3), dtype=np.uint8)
+    scoring = ClipScoring(cfg)
+
+    def result(caption: str) -> SourceResult:
+        return SourceResult({"source": "s"}, clip_rows=[{"caption": caption, "clip_similarity": float("nan")}
+                                                        for _ in range(3)], clip_frames=[a, b, a[:0]])
+
+    res = result("a cat")
+    scoring.score(res)
+    text = scoring.scorer.embed_texts(["a cat"])[0]
+    got = [r["clip_similarity"] for r in res.clip_rows]
+    assert got[0] == pytest.approx(clip_similarity(scoring.scorer.embed_images(a), text), abs=1e-5)
+    assert got[1] == pytest.approx(clip_similarity(scoring.scorer.embed_images(b), text), abs=1e-5)
+    assert got[0] != pytest.approx(got[1], abs=1e-3) and np.isnan(got[2])  # no frames: no similarity
+    assert res.clip_frames == [] and res.source_row["_clip_random_weights"] is True
+    uncaptioned = result("   ")
+    scoring.score(uncaptioned)
+    assert all(np.isnan(r["clip_similarity"]) for r in uncaptioned.clip_rows) and uncaptioned.clip_frames == []
+
+
 def test_open_clip_that_cannot_load_flags_the_source_for_the_driver(cfg, videos, tmp_path):
     broken = tmp_path / "vit.safetensors"
     broken.write_bytes(b"not a checkpoint")
@@ -95,18 +126,20 @@ def test_a_programming_error_in_open_clip_scoring_is_flagged_not_a_score_error(c
 def test_sources_run_in_parallel_threads_with_their_own_decoders(cfg, videos):
     """One actor called from several threads at once (job.sources_per_actor): every source gives what it
     gives alone, and each calling thread decodes in a decoder process of its own."""
-    from curation import decode as dec
-
     stage = ProcessSources(cfg, score_clips=True)
     alone = [_rows(_result(stage(_batch(v)))) for v in videos]
+    before = running_decoders()
     got: dict[int, list] = {}
-    pids: dict[int, int] = {}
+    during: list[set[int]] = []
     barrier = threading.Barrier(len(videos))
 
     def work(k: int) -> None:
         barrier.wait()  # all three start together
         got[k] = _rows(_result(stage(_batch(videos[k]))))
-        pids[k] = stage._local.pool.submit(lambda: dec.current_decoder().proc.pid).result()
+        # a decoder process dies with the thread that started it (PR_SET_PDEATHSIG): look while all live
+        if barrier.wait() == 0:
+            during.append(running_decoders())
+        barrier.wait()
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(len(videos))]
     for t in threads:
@@ -114,7 +147,7 @@ def test_sources_run_in_parallel_threads_with_their_own_decoders(cfg, videos):
     for t in threads:
         t.join(120)
     assert [got[k] for k in range(len(videos))] == alone
-    assert len(set(pids.values())) == len(videos)
+    assert len(during[0] - before) == len(videos)  # one new decoder process per calling thread
 
 
 @pytest.mark.parametrize("cluster, nodes, overrides, want", [
