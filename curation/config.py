@@ -57,9 +57,9 @@ class JobConfig:
     """CPUs per source in flight in stage 1 (a stage-1 actor reserves this times sources_per_actor)."""
     sources_per_actor: int = 1
     """Sources one stage-1 actor works on at once, each in its own thread with its own decoder process;
-    the threads share one copy of the models (TransNetV2, and open_clip when it runs in stage 1). 2 cut the
-    job's CPU by ~10% on a 2-core machine (one actor start and one model load less) but not its time: the
-    threads' Python parts (PySceneDetect's per-frame loop, imports) wait for each other's GIL. Raise it to
+    the threads share one copy of the models (TransNetV2, and open_clip when it runs in stage 1). More than 1
+    saves CPU (one actor start and one model load less) but not time: the threads' Python parts wait for
+    each other's GIL (README, Speed). Raise it to
     hold fewer copies of a large open_clip model (clip_placement 'stage1'). Capped at what one node's CPUs
     hold."""
     clip_placement: ClipPlacement = "auto"

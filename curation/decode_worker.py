@@ -4,7 +4,7 @@
 
 Why a separate, long-lived process: a decoder is C code that can segfault, abort or block forever on
 hostile input, so it must run where it can be killed; starting a fresh interpreter per source would cost
-~0.3 s each, and a forked child may not use OpenCV (a thread pool inherited through fork deadlocks). This
+an interpreter start each time, and a forked child may not use OpenCV (a thread pool inherited through fork deadlocks). This
 process starts once per caller (a Ray actor, a test run), is killed on a timeout or dies on a crash, and
 the caller starts a new one for the next source.
 

@@ -10,7 +10,7 @@ of its own (t = 0 when bands > r: one equal band, the classic case). Only clips 
 compared. A bucket holds about N / 2^(64 / bands) clips, so per item the cost is
 bands * C(64/bands, <=t) lookups + that many times the bucket size comparisons: O(1) while
 N << 2^(64/bands). Default bands=4 (16-bit bands, t=1 for r=6: 68 lookups; buckets stay small up to
-millions of clips; measured: 200k random hashes in ~26 s on a busy 2-core box). 8 bands (t=0) needs only 8 lookups but its 8-bit buckets grow as N/256.
+millions of clips). 8 bands (t=0) needs only 8 lookups but its 8-bit buckets grow as N/256.
 
 `find_duplicates` is the deterministic batch form used at the end of the job: whatever the input order, it
 keeps the highest-priority clip of each group (ties: smallest clip_id) and maps every other one to it.

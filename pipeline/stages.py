@@ -82,7 +82,7 @@ def _size_threads(cfg: CurateConfig, cpus: int) -> CurateConfig:
 
     The stage-1 pool fills the cluster with one source in flight per `process_cpus`, so every core is already busy:
     FFmpeg's and x264's automatic thread counts (about 1.5 per core of the machine) only add switching and
-    frame-threading overhead there (measured: ~15% more CPU per decode, ~25% more per encode). Explicit
+    frame-threading overhead there (more CPU per decode and per encode for the same output). Explicit
     non-zero settings are kept.
     """
     decode, encode = cfg.decode, cfg.encode
