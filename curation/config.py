@@ -126,7 +126,8 @@ AT_MOST: dict[str, float] = {
     "scores.motion.seed_min_response": 1, "scores.text.max_repeat_fraction": 1, "encode.crf": 51,
     "encode.jpeg_quality": 100,
 }
-ABOVE_ZERO = ("scores.text.max_repeat_fraction", "encode.max_fps", "job.process_cpus", "job.source_timeout_s")
+ABOVE_ZERO = ("scores.text.max_repeat_fraction", "encode.max_fps", "encode.keyframe_interval_s", "job.process_cpus",
+              "job.source_timeout_s")
 
 
 def _get(cfg: CurateConfig, dotted: str):

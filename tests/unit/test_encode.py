@@ -88,6 +88,24 @@ def test_decoded_content_matches_source():
     assert abs(col(decoded[5]) - col(clip[5])) <= 2
 
 
+@pytest.mark.parametrize("interval_s, fps", [(2.0, 24.0), (1.0, 30000 / 1001), (None, 24.0)])
+def test_keyframes_at_most_the_configured_interval_apart(interval_s, fps):
+    """A training loader decodes from the keyframe before its first sampled frame: keyframes come at least
+    every keyframe_interval_s of the output (x264 may add more at scene changes), and None keeps x264's one
+    per 250 frames."""
+    data, out_fps = encode_mp4(moving(150, 64, 96), fps, EncodeConfig(keyframe_interval_s=interval_s))
+    with av.open(io.BytesIO(data)) as container:
+        flags = [p.is_keyframe for p in container.demux(container.streams.video[0]) if p.size]
+    keys = [i for i, k in enumerate(flags) if k]
+    assert keys[0] == 0 and len(flags) >= 100
+    if interval_s is None:
+        assert keys == [0]  # no scene change in the clip: x264's default gives only the first
+    else:
+        want = round(interval_s * out_fps)
+        assert max(b - a for a, b in zip(keys, keys[1:] + [len(flags)])) <= want
+        assert len(keys) >= len(flags) // want
+
+
 def test_faststart_is_byte_identical_to_ffmpeg(tmp_path):
     """Same frames through FFmpeg's own +faststart (needs a real file) give the very same bytes."""
     clip = moving(20, 64, 96)
@@ -99,6 +117,7 @@ def test_faststart_is_byte_identical_to_ffmpeg(tmp_path):
         stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
         stream.time_base = 1 / rate
         stream.codec_context.thread_count = 1
+        stream.codec_context.gop_size = round(EncodeConfig().keyframe_interval_s * 24)
         stream.options = {"crf": "23", "preset": EncodeConfig().preset}
         for i, f in enumerate(clip):
             frame = av.VideoFrame.from_ndarray(cv2.cvtColor(f, cv2.COLOR_RGB2YUV_I420), format="yuv420p")
