@@ -9,8 +9,9 @@ Default run (CPU, configs/train/tiny-base.yaml), printed as a table, then one JS
                         same clipping and LR schedule); target <= 1.10. Both in ONE process, steps alternated
                         (order rotated each iteration) after warm-up steps; the median of the per-iteration
                         ratios (bench/model.py's reasoning: a shared machine's speed drifts between processes).
-                        The DeepSpeed step is the trainer's: training.engine builds the engine, training.objective
-                        and training.frozen make the inputs (bench/train_steps.py).
+                        The DeepSpeed step is the trainer's own (training.trainer.build_engine + micro_step); the
+                        torch step uses the trainer's AdamW settings (training.trainer.build_optimizer) and
+                        clipping, so the ratio is DeepSpeed's own cost (bench/train_steps.py).
   loader_vs_step        samples/s of training.data.TrainLoader at the recipe's data settings (its workers,
                         image:video mix) on real shards from the curation job, over the samples/s the tiny
                         DeepSpeed step trains on those same micro-batches (each video / image micro-batch the

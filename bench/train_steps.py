@@ -3,11 +3,12 @@
 Every variant runs one training step on the same synthetic micro-batch through the same frozen encoders
 (training.frozen) and the same objective (training.objective: per-sample noise, t, CFG dropout, v target,
 fp32 MSE), so the variants differ only in the UNet and the optimizer path:
-  ds         ours (training.trainer.build_unet, the trainer's seeded init) in a DeepSpeed engine built with
-             training.engine (ds_config + initialize: the recipe's ZeRO stage, precision, clipping), the
-             recipe's AdamW and warmup/cosine schedule passed in, as the trainer builds it
-  torch      ours (same seed, same weights) with a plain torch.optim.AdamW + the same schedule and gradient
-             clipping, no DeepSpeed (fp32 only)
+  ds         ours (training.trainer.build_unet, the trainer's seeded init) in the trainer's DeepSpeed engine
+             (training.trainer.build_engine: the recipe's ZeRO stage, precision, clipping, AdamW and
+             warmup/cosine schedule), stepped by the trainer's own training.trainer.micro_step
+  torch      ours (same seed, same weights) with plain torch: the same AdamW + schedule
+             (training.trainer.build_optimizer, so the same settings, fused kernel included) and gradient
+             clipping over the parameter list taken once, no DeepSpeed (fp32 only)
   ds-image   the `ds` engine on an image micro-batch (1-frame videos), for the loader comparison
   diffusers  diffusers' I2VGenXLUNet of the equal config (model.convert), our weights converted, behind our
              UNet's call signature, in a DeepSpeed engine of its own built like `ds`
@@ -46,12 +47,13 @@ CAPTIONS = ("a red fox runs across a snowy field", "waves break on a rocky shore
 
 
 def bench_config(recipe: str, overrides: list[str], *, device: str, precision: str):
-    """The recipe's TrainConfig for a bench: overrides applied, MLflow off, and tiny random frozen encoders
-    sized to the UNet when the recipe names real ones (their weights are local files a bench machine lacks;
-    every variant shares them, so they do not tilt a comparison)."""
+    """The recipe's TrainConfig for a bench: overrides applied, MLflow off, grad_accum_steps 1 (every timed
+    micro-step is an optimizer step, as the torch variant's is), and tiny random frozen encoders sized to the
+    UNet when the recipe names real ones (their weights are local files a bench machine lacks; every variant
+    shares them, so they do not tilt a comparison)."""
     from training.config import load_config, unet_config, validate
 
-    extra = ["tracking.enabled=false", f"device={device}", f"deepspeed.precision={precision}"]
+    extra = ["tracking.enabled=false", f"device={device}", f"deepspeed.precision={precision}", "grad_accum_steps=1"]
     cfg = load_config(recipe, [*overrides, *extra])
     ucfg = unet_config(cfg)
     if cfg.model.clip.kind != "tiny-random":
@@ -166,57 +168,30 @@ class Setup:
 
 def make_setup(cfg) -> Setup:
     """Distributed init (world size 1 without a launcher), frozen encoders, objective, the batches."""
-    from model.diffusion import GaussianDiffusion
     from training import engine as ds
-    from training.config import unet_config
-    from training.frozen import FrozenEncoders
-    from training.objective import Objective
+    from training.trainer import build_step_inputs
 
     info = ds.setup_distributed(cfg.device)
     dtype = ds.resolve_precision(cfg.deepspeed.precision, info.device)
-    ucfg = unet_config(cfg)
-    encoders = FrozenEncoders(ucfg, cfg.model.clip, cfg.model.vae, device=info.device, dtype=dtype)
-    objective = Objective(cfg.objective, GaussianDiffusion(cfg.model.diffusion), ucfg, cfg.seed)
+    encoders, objective = build_step_inputs(cfg, info.device, dtype)
     return Setup(cfg, info.device, dtype, encoders, objective,
                  {k: synthetic_batch(cfg, k) for k in ("video", "image")})
 
 
-def _optimizer(cfg, module: nn.Module):
-    from training.schedule import build_scheduler
-
-    o = cfg.optim
-    opt = torch.optim.AdamW(module.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    return opt, build_scheduler(opt, lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps, max_steps=cfg.max_steps)
-
-
-def ds_engine(s: Setup, module: nn.Module):
-    """`module` in a DeepSpeed engine as training.trainer.Run builds the trainer's: AdamW + warmup/cosine from
-    the recipe passed to training.engine.initialize with training.engine.ds_config (grad_accum_steps = 1)."""
-    from training import engine as ds
-
-    opt, sched = _optimizer(s.cfg, module)
-    config = ds.ds_config(s.cfg.deepspeed, micro_batch=s.cfg.data.batch_size, grad_accum=1,
-                          grad_clip=s.cfg.optim.grad_clip, dtype=s.dtype)
-    return ds.initialize(module, opt, sched, config)
-
-
 def ds_step(s: Setup, engine, batch) -> float:
-    """One micro-step as training.trainer.Run.train_step runs it (objective inputs through the frozen encoders,
-    engine forward, fp32 MSE, engine backward + step); the loss as a float (a device sync)."""
-    kwargs, target = s.objective.inputs(batch, s.encoders)
-    loss = s.objective.loss(engine(**kwargs), target)
-    engine.backward(loss)
-    engine.step()
-    return float(loss.detach())
+    """One training.trainer.micro_step (what the trainer's loop runs); the loss as a float (a device sync)."""
+    from training.trainer import micro_step
+
+    return float(micro_step(engine, s.objective, s.encoders, batch))
 
 
-def torch_step(s: Setup, model: nn.Module, opt, sched, batch) -> float:
+def torch_step(s: Setup, model: nn.Module, params: list[nn.Parameter], opt, sched, batch) -> float:
     """The same micro-step with plain torch: backward, clip, AdamW, schedule."""
     kwargs, target = s.objective.inputs(batch, s.encoders)
     loss = s.objective.loss(model(**kwargs), target)
     loss.backward()
     if s.cfg.optim.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s.cfg.optim.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, s.cfg.optim.grad_clip)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
@@ -225,7 +200,7 @@ def torch_step(s: Setup, model: nn.Module, opt, sched, batch) -> float:
 
 def build_variants(s: Setup, names: list[str], flops: bool) -> tuple[dict[str, Callable[[], float]], dict[str, Any]]:
     """({name: step()}, {name: {"params", "flops", "flops_by_op"}}) for the requested variants."""
-    from training.trainer import build_unet
+    from training.trainer import build_engine, build_optimizer, build_unet
 
     steps: dict[str, Callable[[], float]] = {}
     info: dict[str, Any] = {}
@@ -244,17 +219,18 @@ def build_variants(s: Setup, names: list[str], flops: bool) -> tuple[dict[str, C
         return module
 
     if any(n in DS_VARIANTS for n in names):
-        engine = ds_engine(s, counted("ds", build_unet(s.cfg)))
+        engine = build_engine(s.cfg, counted("ds", build_unet(s.cfg)), s.dtype)
         steps["ds"] = lambda: ds_step(s, engine, video)
         steps["ds-image"] = lambda: ds_step(s, engine, s.batches["image"])
     if "torch" in names:
         if s.dtype != torch.float32:  # pure low-precision AdamW would not be the step DeepSpeed takes
             raise SystemExit("the torch variant is an fp32 baseline (DeepSpeed keeps fp32 master weights)")
         model = counted("torch", build_unet(s.cfg)).to(s.device)
-        opt, sched = _optimizer(s.cfg, model)
-        steps["torch"] = lambda: torch_step(s, model, opt, sched, video)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt, sched = build_optimizer(s.cfg, params)
+        steps["torch"] = lambda: torch_step(s, model, params, opt, sched, video)
     if "diffusers" in names:
-        engine_d = ds_engine(s, counted("diffusers", build_diffusers(s.cfg)))
+        engine_d = build_engine(s.cfg, counted("diffusers", build_diffusers(s.cfg)), s.dtype)
         steps["diffusers"] = lambda: ds_step(s, engine_d, video)
     return {n: steps[n] for n in names}, {n: info.get("ds" if n == "ds-image" else n) for n in names}
 

@@ -150,3 +150,21 @@ def far_chunk_offset(mp4: bytes, offset: int = 0x7FFF0000) -> bytes:
     if entries < 1:
         raise ValueError("the stco box lists no chunk")
     return mp4[: at + 12] + struct.pack(">I", offset) + mp4[at + 16 :]
+
+
+def unreferenced_pictures(mp4: bytes) -> tuple[int, int]:
+    """(pictures no other one is predicted from, keyframes) of an mp4's H.264 stream: packets whose slice
+    NAL units all have nal_ref_idc 0, read from the 4-byte length-prefixed packets x264 writes into mp4.
+    A premise check for tests of readers that skip such pictures."""
+    unreferenced = keyframes = 0
+    with av.open(io.BytesIO(mp4)) as container:
+        for packet in container.demux(video=0):
+            data, i, refs = bytes(packet), 0, []
+            while i + 4 < len(data):
+                size, head = struct.unpack(">I", data[i : i + 4])[0], data[i + 4]
+                if head & 0x1F in (1, 5):
+                    refs.append(head >> 5 & 3)
+                i += 4 + size
+            unreferenced += bool(refs) and not any(refs)
+            keyframes += packet.is_keyframe
+    return unreferenced, keyframes

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from training.data_order import KINDS, RankStream, micro_step_kind, sample_index
+from training.frames import unit_range
 from training.loader_workers import WorkerPool
 from training.shard_dataset import (
     ChunkResult, DataError, SampleSpec, ShardDataset, describe_items, find_shards,
@@ -231,9 +232,10 @@ class TrainLoader:
         self._pos[kind] = [chunk, taken]
         if self._pool is not None:
             self._fill(kind, chunk)
+        pixels = [r.pixels[a:b] for r, a, b in parts]  # uint8 from the workers; float32 from here on
         return Batch(
             kind=kind,
-            pixels=torch.cat([r.pixels[a:b] for r, a, b in parts]),
+            pixels=unit_range(torch.from_numpy(pixels[0] if len(pixels) == 1 else np.concatenate(pixels))),
             fps=torch.tensor([f for r, a, b in parts for f in r.fps[a:b]], dtype=torch.int64),
             captions=[c for r, a, b in parts for c in r.captions[a:b]],
             sample_ids=torch.tensor([s for r, a, b in parts for s in r.sample_ids[a:b]], dtype=torch.int64),
@@ -299,7 +301,7 @@ def validation_items(cfg: DataConfig, n: int) -> list[dict[str, Any]]:
                 if skipped:
                     log.warning("validation item %s (%s) skipped: %s: %s", key, shard, reason, detail)
             for j, key in enumerate(result.keys[: n - len(items)]):
-                video = result.pixels[j]
+                video = unit_range(torch.from_numpy(result.pixels[j]))
                 items.append({"key": key, "caption": result.captions[j], "fps": result.fps[j], "video": video,
                               "image": video[:, 0]})
     finally:

@@ -30,14 +30,14 @@ class EMA:
         """Fold the weights after optimizer step `step` (1-based) into the shadow."""
         if len(tensors) != len(self.shadow):
             raise ValueError(f"EMA holds {len(self.shadow)} tensors, got {len(tensors)}")
+        if step >= self.cfg.start_step and step % self.cfg.every:
+            return
+        # foreach ops: one call over the ~1500 tensors of a UNet instead of a Python loop (GPU: a few kernels)
+        tensors = [t.detach() if t.dtype == s.dtype else t.detach().to(s.dtype) for s, t in zip(self.shadow, tensors)]
         if step < self.cfg.start_step:
-            for s, t in zip(self.shadow, tensors):
-                s.copy_(t)
-            return
-        if step % self.cfg.every:
-            return
-        for s, t in zip(self.shadow, tensors):
-            s.lerp_(t.detach().to(s.dtype), 1.0 - self.cfg.decay)
+            torch._foreach_copy_(self.shadow, tensors)
+        else:
+            torch._foreach_lerp_(self.shadow, tensors, 1.0 - self.cfg.decay)
 
     def state_dict(self) -> dict:
         """Shadow tensors (a list in the engine's tensor order) for the per-rank trainer state."""

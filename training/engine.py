@@ -31,6 +31,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402  (after DS_ACCELERATOR)
+from deepspeed.accelerator import get_accelerator  # noqa: E402
 
 from common.dtypes import dtype_of  # noqa: E402
 from training.subconfigs import DeepSpeedConfig  # noqa: E402
@@ -90,8 +91,15 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
 
 def ds_config(cfg: DeepSpeedConfig, *, micro_batch: int, grad_accum: int, grad_clip: float,
               dtype: torch.dtype) -> dict[str, Any]:
-    """The DeepSpeed config dict (no optimizer/scheduler blocks: torch objects are passed in)."""
-    zero: dict[str, Any] = {"stage": cfg.zero_stage, "contiguous_gradients": True, "overlap_comm": False}
+    """The DeepSpeed config dict (no optimizer/scheduler blocks: torch objects are passed in).
+
+    `contiguous_gradients` follows DeepSpeed's accelerator: on a GPU (DeepSpeed's default, on) each gradient
+    is copied into a preallocated bucket as backward produces it, which keeps the caching allocator from
+    fragmenting. The CPU accelerator has no such allocator: there the copy is a second pass over every
+    gradient (and over a bucket buffer allocated afresh each step), so ZeRO-2 reduces the gradients where
+    autograd left them instead (same values: the same sum, divided by the world size first)."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage, "overlap_comm": False,
+                            "contiguous_gradients": get_accelerator().device_name() != "cpu"}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if cfg.offload_param:

@@ -109,10 +109,13 @@ class ChunkResult:
     sample_ids: list[int] = field(default_factory=list)
     fps: list[int] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
-    pixels: torch.Tensor | None = None
-    """(G, 3, F, H, W) float32 in [-1, 1] for the G usable samples; None when G = 0."""
+    pixels: np.ndarray | None = None
+    """(G, 3, F, H, W) uint8 for the G usable samples; None when G = 0. A numpy array travels inside the
+    result's pickle (no shared-memory segment and file descriptor per result, as a torch tensor would);
+    the loader turns it into float32 in [-1, 1] (frames.unit_range) when it assembles a batch."""
     events: list[tuple[str, str, str, str, bool]] = field(default_factory=list)
-    """(key, shard, reason, detail, skipped) of each skipped sample and each PyAV fallback."""
+    """(key, shard, reason, detail, skipped) of each skipped sample, and of each sample read on a slower
+    path (decord fell back to PyAV, PyAV decoded it sequentially: frames.read_clip's note)."""
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -171,7 +174,7 @@ class ShardDataset:
     def load(
         self, index: int, epoch: int, spec: SampleSpec, uniforms: np.ndarray | None = None
     ) -> tuple[torch.Tensor, int, str, str | None]:
-        """(pixels (3, F, H, W) in [-1, 1], fps condition, caption, note) of sample `index` in `epoch`.
+        """(pixels (3, F, H, W) uint8, fps condition, caption, note) of sample `index` in `epoch`.
 
         `uniforms` overrides the seeded draws (validation items use fixed ones). Raises SampleError."""
         code = int(self._status[index])
@@ -224,7 +227,7 @@ class ShardDataset:
                 out.events.append((key, shard, exc.reason, exc.detail, True))
                 continue
             if note is not None:
-                out.events.append((key, shard, "pyav_fallback", note, False))
+                out.events.append((key, shard, "reader_note", note, False))
             out.keys.append(key)
             out.sample_ids.append(sample_id(self.kind, epoch, index))
             out.fps.append(fps)
@@ -233,7 +236,7 @@ class ShardDataset:
         if progress is not None:
             progress(-1)
         if tensors:
-            out.pixels = torch.stack(tensors)
+            out.pixels = torch.stack(tensors).numpy()
         return out
 
     def close(self) -> None:

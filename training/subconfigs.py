@@ -44,7 +44,9 @@ class DataConfig:
     image_fraction: float = 0.0
     """Probability that a micro-step is an image step (joint training: images are 1-frame videos)."""
     reader: Literal["decord", "pyav"] = "decord"
-    """Frame reader: decord from memory with random access, or PyAV (also decord's automatic fallback)."""
+    """Frame reader: decord from memory with random access, or PyAV (random access from the clip's packet
+    index, skipping the unreferenced pictures it does not need; also decord's automatic fallback). Both
+    give the same frames."""
     num_workers: int = 2
     """Loader worker processes per rank (0 = load in the training process). Crash isolation needs >= 1: a
     segfault or abort inside decord/FFmpeg on a sample kills only its worker, and the sample is skipped as

@@ -4,12 +4,15 @@
 every rank checks the model files and the shards and rank 0 the MLflow store (`preflight`); then `Run`:
 OUTPUT/config.yaml, the checkpoint to resume (default: the newest complete one under OUTPUT) checked
 against this run (world size, data position, EMA), the UNet (`build_unet`: random init or init_from;
-under ZeRO-3 partitioned while it is built), frozen VAE + CLIP, AdamW + warmup/cosine into
-`deepspeed.initialize`, the loader, the EMA, and everything else restored from the checkpoint. Any of
-these failures stops all ranks together with its message.
+under ZeRO-3 partitioned while it is built), frozen VAE + CLIP and the objective (`build_step_inputs`),
+AdamW + warmup/cosine into `deepspeed.initialize` (`build_optimizer`, `build_engine`), the loader, the EMA,
+and everything else restored from the checkpoint. Any of these failures stops all ranks together with its
+message. An optimizer step is `grad_accum_steps` calls of `micro_step`; bench.train times the same
+functions (one path for the job and its benchmark).
 
 Per optimizer step rank 0 appends a JSON line to OUTPUT/metrics.jsonl (step, loss = mean over the global
-batch, lr, grad_norm, samples_per_s, step_time_s, skipped (+ by reason), every rank's sample keys and ids)
+batch, lr, grad_norm, samples_per_s, step_time_s, skipped (+ by reason), with log_sample_keys every rank's
+sample keys and ids)
 and logs the numbers to MLflow. Each start of the job also writes an `"event": "start"` line (with every
 rank's parameter bytes right after the UNet was built) and, after its first optimizer step, an
 `"event": "memory"` line with every rank's parameter + optimizer bytes. Checkpoints every
@@ -100,6 +103,52 @@ def build_unet(cfg: TrainConfig, ds_config: dict[str, Any] | None = None) -> I2V
     return unet.train()
 
 
+def engine_config(cfg: TrainConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """The run's DeepSpeed config dict (`training.engine.ds_config` of cfg.deepspeed, the micro-batch,
+    gradient accumulation and clipping); `build_unet` takes it for ZeRO-3's partitioned build."""
+    return ds.ds_config(cfg.deepspeed, micro_batch=cfg.data.batch_size, grad_accum=cfg.grad_accum_steps,
+                        grad_clip=cfg.optim.grad_clip, dtype=dtype)
+
+
+def build_optimizer(cfg: TrainConfig, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW of cfg.optim over `params` + the warmup/cosine schedule: what `build_engine` hands DeepSpeed,
+    and the plain-torch baseline of `bench.train` (same settings). fused=True (CPU and CUDA kernels): one
+    pass over each tensor, where torch's default on CPU loops over the tensors in Python with a temporary
+    per operation; under ZeRO DeepSpeed hands it one flat fp32 partition per parameter group."""
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                  fused=True)
+    scheduler = build_scheduler(optimizer, lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps,
+                                max_steps=cfg.max_steps)
+    return optimizer, scheduler
+
+
+def build_engine(cfg: TrainConfig, unet: torch.nn.Module, dtype: torch.dtype):
+    """`unet` (from `build_unet`) in a DeepSpeed engine: `deepspeed.initialize` with `engine_config` and
+    `build_optimizer`'s AdamW + schedule. The engine owns forward, backward, step and checkpoints."""
+    optimizer, scheduler = build_optimizer(cfg, unet.parameters())
+    return ds.initialize(unet, optimizer, scheduler, engine_config(cfg, dtype))
+
+
+def build_step_inputs(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> tuple[FrozenEncoders, Objective]:
+    """The frozen VAE + CLIP (in the training dtype, on `device`) and the objective that turns a batch into
+    UNet inputs and a target through them."""
+    ucfg = unet_config(cfg)
+    encoders = FrozenEncoders(ucfg, cfg.model.clip, cfg.model.vae, device=device, dtype=dtype)
+    return encoders, Objective(cfg.objective, GaussianDiffusion(cfg.model.diffusion), ucfg, cfg.seed)
+
+
+def micro_step(engine, objective: Objective, encoders: FrozenEncoders, batch) -> torch.Tensor:
+    """One micro-step of `batch` (a `training.data.Batch`): inputs and target through the frozen encoders,
+    engine forward, fp32 loss, engine backward + step (DeepSpeed applies the optimizer at the accumulation
+    boundary). Returns the detached loss tensor: reading it is the caller's (one device sync per read)."""
+    kwargs, target = objective.inputs(batch, encoders)
+    loss = objective.loss(engine(**kwargs), target)
+    engine.backward(loss)
+    engine.step()
+    return loss.detach()
+
+
 class Run:
     """One training job on this rank: engine, loader, EMA, tracker and the output folder."""
 
@@ -115,19 +164,10 @@ class Run:
         if dist_info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / ckpt.CONFIG_NAME).write_text(self.config_yaml)
-        o = cfg.optim
-        config = ds.ds_config(cfg.deepspeed, micro_batch=cfg.data.batch_size, grad_accum=cfg.grad_accum_steps,
-                              grad_clip=o.grad_clip, dtype=self.dtype)
-        unet = build_unet(cfg, config)
+        unet = build_unet(cfg, engine_config(cfg, self.dtype))
         self.built_bytes = ds.all_gather_object(ds.module_param_bytes(unet))
-        self.encoders = FrozenEncoders(self.ucfg, cfg.model.clip, cfg.model.vae, device=dist_info.device,
-                                       dtype=self.dtype)
-        self.objective = Objective(cfg.objective, GaussianDiffusion(cfg.model.diffusion), self.ucfg, cfg.seed)
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                      weight_decay=o.weight_decay)
-        scheduler = build_scheduler(optimizer, lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps,
-                                    max_steps=cfg.max_steps)
-        self.engine = ds.initialize(unet, optimizer, scheduler, config)
+        self.encoders, self.objective = build_step_inputs(cfg, dist_info.device, self.dtype)
+        self.engine = build_engine(cfg, unet, self.dtype)
         torch.manual_seed(cfg.seed * 1000 + dist_info.rank)  # dropout masks differ per rank
         self.ema = EMA(cfg.ema, ds.local_param_shards(self.engine)[1]) if cfg.ema.enabled else None
         self.step, run_id, self.resume_rng = 0, None, None
@@ -206,18 +246,17 @@ class Run:
         lr = float(self.engine.get_lr()[0])
         for _ in range(self.cfg.grad_accum_steps):
             batch = next(batches)
-            kwargs, target = self.objective.inputs(batch, self.encoders)
-            loss = self.objective.loss(self.engine(**kwargs), target)
-            self.engine.backward(loss)
-            self.engine.step()
-            losses.append(float(loss.detach()))
+            losses.append(micro_step(self.engine, self.objective, self.encoders, batch))
             samples += len(batch.keys)
-            keys += list(batch.keys)
-            ids += batch.sample_ids.tolist()
+            if self.cfg.log_sample_keys:
+                keys += list(batch.keys)
+                ids += batch.sample_ids.tolist()
         self.step += 1
         if self.ema is not None:
             self.ema.update(ds.local_param_shards(self.engine)[1], self.step)
-        loss_mean, = ds.all_reduce_mean([sum(losses) / len(losses)], self.dist.device)
+        # the micro-steps' losses are read once per optimizer step (one device sync), in float64 as before
+        local_loss = torch.stack(losses).double().mean().item()
+        loss_mean, = ds.all_reduce_mean([local_loss], self.dist.device)
         ranks = ds.all_gather_object((samples, self.loader.skipped(), keys, ids))
         skipped: dict[str, int] = {}
         for _, rank_skipped, _, _ in ranks:

@@ -82,3 +82,6 @@ def test_deepspeed_config_dict():
     two = ds_config(DeepSpeedConfig(), micro_batch=1, grad_accum=1, grad_clip=1.0, dtype=torch.float32)
     assert two["zero_optimization"]["stage"] == 2 and not two["bf16"]["enabled"]
     assert "offload_optimizer" not in two["zero_optimization"]
+    # gradients are copied into contiguous buckets on a GPU (allocator fragmentation), reduced in place on
+    # DeepSpeed's CPU accelerator (where the copy is pure overhead)
+    assert two["zero_optimization"]["contiguous_gradients"] is torch.cuda.is_available()

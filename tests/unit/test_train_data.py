@@ -18,6 +18,8 @@ import math
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 
@@ -28,12 +30,12 @@ import torch
 
 from common.configtree import ConfigError, from_dict
 from tests.train_shards import (
-    far_chunk_offset, garble_header, image_sample, marked_frames, marker_index, truncate_inside, video_sample,
-    write_tar,
+    REPO, far_chunk_offset, garble_header, image_sample, marked_frames, marker_index, truncate_inside,
+    unreferenced_pictures, video_sample, write_tar,
 )
 from training.data import DataConfig, DataError, TrainLoader, check_shards, validation_items
 from training.data_order import micro_step_kind
-from training.frames import read_clip
+from training.frames import read_clip, unit_range
 from training.loader_workers import LoaderWorkerError, WorkerPool
 from training.shardindex import index_tar
 
@@ -188,6 +190,9 @@ def test_lying_header_clip_falls_back_to_pyav_within_real_length(tmp_path, caplo
                 marks = [marker_index(b.pixels[0, :, i]) for i in range(4)]
                 assert marks == list(range(marks[0], marks[0] + 4)) and marks[-1] < decodable
     assert any("decord failed" in r.getMessage() and "read with PyAV" in r.getMessage() for r in caplog.records)
+    # PyAV reads it sequentially (its header counts more frames than the file holds), and says so
+    assert any("decoded sequentially" in r.getMessage() and "the header counts 40 frames" in r.getMessage()
+               for r in caplog.records)
     # F frames that do not fit into the frames that really decode: too_short, counted
     write_tar(tmp_path / "video-000001.tar", [video_sample("ok")])
     with TrainLoader(cfg_for(tmp_path, fps_choices=[24], num_frames=decodable + 1, batch_size=1), seed=0) as loader:
@@ -228,6 +233,49 @@ def test_frame_sampling_follows_fps_frames_and_crop(good, reader):
     assert set(fps_seen) == {4, 8, 24}  # the seeded choice uses every usable rate
     assert max(seeking_starts) >= 7  # some reads started past the first keyframe of a short-GOP clip
     assert len(lefts) > 3  # random crop offsets, not a fixed centre crop
+
+
+def test_readers_give_the_frames_of_a_full_decode_bit_for_bit(good):
+    """PyAV's indexed path (IDR seek, unreferenced pictures skipped) and decord return exactly the frames a
+    plain sequential decode of the whole clip gives at the planned positions."""
+    clips = {}
+    for shard in sorted((good / "shards").glob("video-*.tar")):
+        with tarfile.open(shard) as tar:
+            clips.update({m.name[:-4]: tar.extractfile(m).read() for m in tar if m.name.endswith(".mp4")})
+    assert len(clips) == len(GOOD_VIDEO)
+    uniforms = np.random.default_rng(0).random((12, 2))
+    for key, mp4 in clips.items():
+        unreferenced, keyframes = unreferenced_pictures(mp4)
+        assert unreferenced >= 2 and keyframes == (6 if GOOD_VIDEO.index(key) >= 6 else 1)  # the premise
+        with av.open(io.BytesIO(mp4)) as container:
+            full = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+        starts = set()
+        for num_frames, (u_fps, u_start) in zip([1, 4, 9] * 4, uniforms):
+            plans = []
+            for reader in ("pyav", "decord"):
+                frames, plan, note = read_clip(mp4, num_frames=num_frames, fps_choices=[4, 8, 24], u_fps=u_fps,
+                                               u_start=u_start, reader=reader)
+                assert note is None and np.array_equal(frames, full[list(plan.positions)]), (key, reader, plan)
+                plans.append(plan)
+            assert plans[0] == plans[1]
+            starts.add(plans[0].positions[0])
+        assert max(starts) >= 7  # reads that start past the first keyframe (seeking clips)
+
+
+def test_pixels_become_float_in_the_training_process_only():
+    """Workers hand over uint8; unit_range is x / 127.5 - 1 in float32 arithmetic (what the workers computed
+    before), the extremes exactly -1 and 1. The training process imports the loader without PyAV or decord
+    (a GPU machine may have neither)."""
+    values = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(unit_range(values), values.float() / 127.5 - 1.0)
+    assert torch.allclose(unit_range(values).double(), values.double() / 127.5 - 1.0, rtol=0, atol=1e-7)
+    assert unit_range(values)[[0, -1]].tolist() == [-1.0, 1.0]
+    code = ("import sys; sys.modules['av'] = sys.modules['decord'] = None\n"
+            "from training.data import Batch, TrainLoader, validation_items\n"
+            "from training.frames import unit_range, resize_cover_crop\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_validation_items_are_fixed_and_start_at_the_conditioning_frame(good):
