@@ -33,8 +33,11 @@ COMMON = ["max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=3", "
 
 
 def train_env() -> dict[str, str]:
+    """The environment of a trainer process: this repo importable, the venv's tools first on PATH (as Ray's
+    workers have them: DeepSpeed's JIT extension build records the ninja it ran with, and another one on a
+    later run would rebuild it), no launcher variables inherited."""
     env = dict(os.environ)
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true",
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
