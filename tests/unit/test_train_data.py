@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from common.configtree import ConfigError, from_dict
+from curation.encode import EncodeConfig
 from tests.train_shards import (
     REPO, far_chunk_offset, garble_header, image_sample, marked_frames, marker_index, truncate_inside,
     unreferenced_pictures, video_sample, write_tar,
@@ -246,7 +247,10 @@ def test_readers_give_the_frames_of_a_full_decode_bit_for_bit(good):
     uniforms = np.random.default_rng(0).random((12, 2))
     for key, mp4 in clips.items():
         unreferenced, keyframes = unreferenced_pictures(mp4)
-        assert unreferenced >= 2 and keyframes == (6 if GOOD_VIDEO.index(key) >= 6 else 1)  # the premise
+        # the premise: B-frames everywhere; a keyframe every 7 frames in the second shard, every
+        # keyframe_interval_s (the curation job's encoder setting) in the first
+        job_gop = round(EncodeConfig().keyframe_interval_s * CLIP_FPS[key])
+        assert unreferenced >= 2 and keyframes == (6 if GOOD_VIDEO.index(key) >= 6 else math.ceil(40 / job_gop))
         with av.open(io.BytesIO(mp4)) as container:
             full = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
         starts = set()
