@@ -115,7 +115,7 @@ def plan_for_cluster(cfg: CurateConfig) -> ActorPlan:
     nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     plan = plan_actors(cfg, ray.cluster_resources(), nodes or None)
     if plan.clip_in_stage1:
-        log.info("stage-1 actors: %d x %g CPU, %d sources at a time each, open_clip inside them",
+        log.info("stage-1 actors: %d x %g CPU, %d sources at a time each, CLIP scoring inside them",
                  plan.process_actors, plan.process_cpus, plan.threads)
     else:
         log.info("stage-1 actors: %d x %g CPU, %d sources at a time each; open_clip actors: %d x (%g CPU, "
