@@ -1,24 +1,31 @@
-"""Every launch spec in clusters/ is loaded and checked: it parses, its commands (in the spec and in its
-comments) are accepted by the real argument parsers (torchrun's, the deepspeed launcher's, `ray job
-submit`'s, training.train's, training.ray_train's, pipeline.curate's), the recipes they name load and
-validate, and what they ask for fits what they declare (nodes, GPUs, CPUs, rendezvous address, the shared
-volume that holds every path a run reads or writes). Placeholders are marked REPLACE_ME. Nothing is
-launched: no Ray, no processes.
+"""Every launch spec in clusters/ is loaded and checked: it parses, KubeRay manifests carry the fields their
+CRD (ray.io/v1) requires, its commands (in the spec and in its comments) are
+accepted by the real argument parsers (torchrun's, the deepspeed launcher's, `ray job submit`'s,
+training.train's, training.ray_train's, pipeline.curate's), the configs they name load and validate, and
+what they ask for fits what they declare (nodes, GPUs, CPUs, the curation job's actor plan, rendezvous
+address, the shared volume that holds every path a run reads or writes). Placeholders are marked
+REPLACE_ME. Nothing is launched: no Ray, no processes.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import importlib.util
 import re
 import shlex
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
+from common import configtree
 from common.configtree import ConfigError
+from curation import config as curate_config
+from curation.config import CurateConfig
 from pipeline import curate
+from pipeline.cluster import plan_actors
 from training import ray_train, train
 from training.config import TrainConfig, load_config, missing_paths, validate
 
@@ -27,6 +34,7 @@ CLUSTERS = REPO / "clusters"
 PLACEHOLDER = "REPLACE_ME"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 LAUNCHERS = ("torchrun", "deepspeed", "ray job submit", "python -m", "ray up", "ray down")
+GPU = "nvidia.com/gpu"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -96,9 +104,28 @@ def check_entrypoint(argv: list[str], shared: set[str]) -> None:
         check_shared_paths(check_train_args(args), shared)
     else:
         assert module == "pipeline.curate", module
-        parsed = curate.parse_args(args)
-        for path in (parsed.input, parsed.output):
-            assert any(Path(path).is_relative_to(m) for m in shared), path
+        check_curate_args(args, shared)
+
+
+def check_curate_args(argv: list[str], shared: set[str]) -> CurateConfig:
+    """pipeline.curate's parser accepts argv; the config the job would load (--config, else
+    configs/curate_default.yaml) loads through the real loader with the overrides (every key and type) and
+    validates; IN, OUT and the open_clip weights lie on a shared mount."""
+    args = curate.parse_args(argv)
+    if args.config:
+        assert not Path(args.config).is_absolute() and (REPO / args.config).is_file(), args.config
+    cfg = configtree.load(CurateConfig, REPO / args.config if args.config else curate.default_config_path(),
+                          args.overrides)
+    weights = cfg.scores.clip.checkpoint
+    for path in (args.input, args.output, *([weights] if weights else [])):
+        assert Path(path).is_absolute() and any(Path(path).is_relative_to(m) for m in shared), (path, shared)
+    # validate() wants the weights file to exist: a local stand-in for the one on the shared volume
+    with tempfile.NamedTemporaryFile(suffix=Path(weights or "x.bin").suffix) as stand_in:
+        checked = copy.deepcopy(cfg)
+        if weights:
+            checked.scores.clip.checkpoint = stand_in.name
+        curate_config.validate(checked)
+    return cfg
 
 
 def check_ray_job_submit(argv: list[str], shared: set[str]) -> None:
@@ -246,9 +273,85 @@ def test_deepspeed_hostfile_and_its_launch_commands():
     assert tr.training_script_args == ds.user_args  # the same job either way
 
 
+# ---------------------------------------------------------------------------- KubeRay CRD fields (ray.io/v1)
+def k8s_cpus(quantity) -> float:
+    """A Kubernetes CPU quantity ("8", 8, "500m") in CPUs."""
+    text = str(quantity)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def check_string_map(params, where: str) -> None:
+    """rayStartParams is a map[string]string in the CRD: `num-cpus: 0` (a number) is rejected on apply."""
+    assert isinstance(params, dict), where
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in params.items()), (where, params)
+
+
+def group_resources(group: dict, where: str) -> tuple[float, float]:
+    """(CPUs, GPUs) Ray sees on one pod of a head/worker group: rayStartParams num-cpus / num-gpus, else
+    what KubeRay passes to `ray start` from the Ray container's (the first) limits. The pod template's
+    required fields are checked on the way."""
+    check_string_map(group["rayStartParams"], f"{where}.rayStartParams")
+    containers = group["template"]["spec"]["containers"]
+    assert containers and all(c["name"] and c["image"] for c in containers), where
+    for c in containers:
+        resources = c.get("resources", {})
+        limits, requests = resources.get("limits", {}), resources.get("requests", {})
+        if GPU in requests:  # an extended resource: Kubernetes wants requests == limits
+            assert str(requests[GPU]) == str(limits.get(GPU)), (where, resources)
+    limits = containers[0].get("resources", {}).get("limits", {})
+    params = group["rayStartParams"]
+    gpus = int(limits.get(GPU, 0))
+    ray_gpus = float(params.get("num-gpus", gpus))
+    assert ray_gpus <= gpus, (where, "Ray is told of GPUs the pod does not get", ray_gpus, gpus)
+    return float(params.get("num-cpus", k8s_cpus(limits.get("cpu", 0)))), ray_gpus
+
+
+def check_raycluster_spec(spec: dict) -> list[tuple[float, float]]:
+    """The required fields of a ray.io/v1 RayClusterSpec (a RayCluster's spec, a RayJob's rayClusterSpec);
+    returns (CPUs, GPUs) of every Ray node it starts, the head first."""
+    if "rayVersion" in spec:  # the image runs the Ray this repository installs
+        assert spec["rayVersion"] == importlib.metadata.version("ray"), spec["rayVersion"]
+    nodes = [group_resources(spec["headGroupSpec"], "headGroupSpec")]
+    groups = spec["workerGroupSpecs"]
+    names = [g["groupName"] for g in groups]
+    assert all(names) and len(set(names)) == len(names), names
+    for g in groups:
+        low, n, high = g["minReplicas"], g["replicas"], g["maxReplicas"]
+        assert all(isinstance(v, int) for v in (low, n, high)) and 0 <= low <= n <= high, (g["groupName"], low, n, high)
+        nodes += [group_resources(g, g["groupName"])] * n
+    return nodes
+
+
+def check_raycluster(doc: dict) -> list[tuple[float, float]]:
+    """A ray.io/v1 RayCluster: apiVersion, kind, name and its spec's required fields."""
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster" and doc["metadata"]["name"]
+    return check_raycluster_spec(doc["spec"])
+
+
+def check_rayjob_fields(job: dict) -> list[tuple[float, float]]:
+    """A ray.io/v1 RayJob: entrypoint, and a cluster: rayClusterSpec (torn down when the job ends:
+    shutdownAfterJobFinishes) or a clusterSelector naming a running one."""
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob" and job["metadata"]["name"]
+    spec = job["spec"]
+    assert isinstance(spec["entrypoint"], str) and spec["entrypoint"].strip()
+    assert ("rayClusterSpec" in spec) != ("clusterSelector" in spec), "one of rayClusterSpec / clusterSelector"
+    if "clusterSelector" in spec:
+        return []
+    assert spec["shutdownAfterJobFinishes"] is True  # else the GPUs stay held after the job
+    return check_raycluster_spec(spec["rayClusterSpec"])
+
+
+def split_entrypoint(entrypoint: str, pods: list[dict]) -> list[str]:
+    """`cd <workingDir> && .venv/bin/python -m ...` (run by a shell): the cd is to every container's
+    workingDir; returns the python command."""
+    cd, command = (shlex.split(part) for part in entrypoint.split("&&"))
+    assert cd[0] == "cd" and all(c["workingDir"] == cd[1] for p in pods for c in p["containers"])
+    return command
+
+
 # --------------------------------------------------------------------------------------- KubeRay RayJob
 def check_rayjob(job: dict) -> None:
-    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    check_rayjob_fields(job)
     spec, cluster = job["spec"], job["spec"]["rayClusterSpec"]
     head = cluster["headGroupSpec"]["template"]["spec"]
     groups = cluster["workerGroupSpecs"]
@@ -256,10 +359,7 @@ def check_rayjob(job: dict) -> None:
     for pod in pods:
         check_placeholders(pod)
     shared = set.intersection(*[set(mounts(p)) for p in pods])  # what the driver and every worker see
-    # entrypoint: `cd <workingDir> && .venv/bin/python -m training.ray_train ...` (run by a shell)
-    cd, command = (shlex.split(part) for part in spec["entrypoint"].split("&&"))
-    assert cd[0] == "cd" and all(c["workingDir"] == cd[1] for p in pods for c in p["containers"])
-    module, args = python_module(command)
+    module, args = python_module(split_entrypoint(spec["entrypoint"], pods))
     assert module == "training.ray_train"
     launch, cfg = check_ray_train_args(args)
     check_shared_paths(cfg, shared)
@@ -325,8 +425,195 @@ def test_curation_cluster_launcher_spec():
         assert command.startswith(f"cd {mount} && ")
 
 
+# ------------------------------------------------------------------- curation on KubeRay (RayCluster, RayJob)
+def pod_specs(cluster: dict) -> list[dict]:
+    """The pod specs of a RayClusterSpec, the head first."""
+    return [cluster["headGroupSpec"]["template"]["spec"], *[g["template"]["spec"] for g in cluster["workerGroupSpecs"]]]
+
+
+def check_curation_cluster(cluster: dict, argv: list[str]) -> None:
+    """`pipeline.curate argv` on the Ray cluster of a RayClusterSpec: every pod mounts the volume holding
+    IN, OUT and the weights; the job's own actor planner (pipeline.cluster.plan_actors) accepts the
+    cluster's resources; every GPU runs an open_clip actor and the stage-1 pool fits the CPUs."""
+    nodes = check_raycluster_spec(cluster)
+    pods = pod_specs(cluster)
+    for pod in pods:
+        check_placeholders(pod)
+    shared = set.intersection(*[set(mounts(p)) for p in pods])  # the driver and every actor see them
+    cfg = check_curate_args(argv, shared)
+    assert cluster["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0"  # no stage-1 actor on the head
+    # the actor pools are sized from the cluster when the job starts: a fixed cluster
+    assert all(g["replicas"] == g["minReplicas"] == g["maxReplicas"] for g in cluster["workerGroupSpecs"])
+    resources = {"CPU": sum(c for c, _ in nodes), "GPU": sum(g for _, g in nodes)}
+    plan = plan_actors(cfg, resources, [c for c, _ in nodes])  # ConfigError: open_clip on cuda without a GPU
+    assert any(g == 0 and c > 0 for c, g in nodes), "a CPU group for stage 1"
+    assert not plan.clip_in_stage1 and plan.clip_gpus <= max(g for _, g in nodes)  # one actor fits a node
+    assert cfg.job.clip_actors * plan.clip_gpus == resources["GPU"]  # open_clip on every GPU, none asked beyond
+    clip_cpus = cfg.job.clip_actors * plan.clip_cpus
+    assert plan.process_actors * plan.process_cpus + clip_cpus <= resources["CPU"]
+
+
+def _curate_docs() -> tuple[dict, dict]:
+    return (yaml.safe_load((CLUSTERS / "curate-raycluster.yaml").read_text()),
+            yaml.safe_load((CLUSTERS / "curate-rayjob.yaml").read_text()))
+
+
+def test_curation_raycluster_and_its_ray_job_submit_command():
+    path = CLUSTERS / "curate-raycluster.yaml"
+    doc, _ = _curate_docs()
+    check_raycluster(doc)
+    (submit,) = comment_commands(path)
+    check_ray_job_submit(submit, {"/shared"})
+    _, args = python_module(submit[submit.index("--") + 1:])
+    check_curation_cluster(doc["spec"], args)
+
+
+def test_curation_rayjob_runs_the_same_job_on_the_same_cluster():
+    doc, job = _curate_docs()
+    check_rayjob_fields(job)
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster == doc["spec"]  # "the shape of curate-raycluster.yaml": one cluster shape, two ways to run
+    module, args = python_module(split_entrypoint(job["spec"]["entrypoint"], pod_specs(cluster)))
+    assert module == "pipeline.curate"
+    check_curation_cluster(cluster, args)
+    submit = comment_commands(CLUSTERS / "curate-raycluster.yaml")[0]
+    assert args == python_module(submit[submit.index("--") + 1:])[1]  # the same job either way
+
+
+def _job_args(old: str, new: str):
+    def change(job: dict) -> None:
+        assert old in job["spec"]["entrypoint"]
+        job["spec"]["entrypoint"] = job["spec"]["entrypoint"].replace(old, new)
+    return change
+
+
+def _group(name: str, edit):
+    def change(job: dict) -> None:
+        (group,) = [g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == name]
+        edit(group)
+    return change
+
+
+def _drop_group(name: str):
+    def change(job: dict) -> None:
+        groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        groups[:] = [g for g in groups if g["groupName"] != name]
+    return change
+
+
+def _limits(group: dict) -> dict:
+    return group["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+
+def _pop(*keys: str):
+    """Delete job[keys[0]]...[keys[-1]]."""
+    def change(job: dict) -> None:
+        node = job
+        for key in keys[:-1]:
+            node = node[key]
+        del node[keys[-1]]
+    return change
+
+
+def _set(*keys, value):
+    def change(job: dict) -> None:
+        node = job
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+    return change
+
+
+HEAD = ("spec", "rayClusterSpec", "headGroupSpec")
+
+# required fields of the CRDs, and their types: RayJob, then RayClusterSpec (in a RayJob or a RayCluster)
+RAYJOB_BREAKS = [
+    _set("apiVersion", value="ray.io/v1alpha1"),                           # another CRD version
+    _pop("spec", "entrypoint"),
+    _pop("spec", "rayClusterSpec"),                                          # no cluster at all
+    _set("spec", "clusterSelector", value={"ray.io/cluster": "i2vgen-curate"}),  # two clusters
+    _pop("spec", "shutdownAfterJobFinishes"),                                # the cluster outlives the job
+]
+CLUSTER_BREAKS = [
+    _pop(*HEAD, "rayStartParams"),
+    _set(*HEAD, "rayStartParams", "num-cpus", value=0),                     # map[string]string
+    _set(*HEAD, "template", "spec", "containers", value=[]),
+    _pop("spec", "rayClusterSpec", "workerGroupSpecs"),
+    _group("cpu", lambda g: g.pop("groupName")),
+    _group("gpu", lambda g: g.update(groupName="cpu")),                     # group names must be unique
+    _group("cpu", lambda g: g.pop("rayStartParams")),
+    _group("cpu", lambda g: g.update(minReplicas=5)),                       # min > replicas
+    _group("gpu", lambda g: g.update(maxReplicas=1)),                       # replicas > max
+    _group("gpu", lambda g: g["template"]["spec"]["containers"][0].pop("image")),
+    _group("gpu", lambda g: g["rayStartParams"].update({"num-gpus": "2"})),  # more GPUs than the pod gets
+    _group("gpu", lambda g: g["template"]["spec"]["containers"][0]["resources"].update(requests={GPU: 2})),
+    _set("spec", "rayClusterSpec", "rayVersion", value="2.9.0"),            # not the Ray of this repository
+]
+# what the curation job needs from its cluster
+JOB_BREAKS = [
+    _drop_group("gpu"),                                           # open_clip on cuda, no GPU: the planner refuses
+    _group("gpu", lambda g: _limits(g).pop(GPU)),                 # the same: the pods get no GPU
+    _group("gpu", lambda g: g["template"]["spec"]["containers"][0].pop("volumeMounts")),  # weights unreachable
+    _group("gpu", lambda g: g.update(replicas=1, minReplicas=1)),  # 2 open_clip actors, 1 GPU
+    _group("cpu", lambda g: g.update(maxReplicas=8)),             # autoscaling: pools are sized at the start
+    _set(*HEAD, "rayStartParams", "num-cpus", value="8"),         # stage-1 actors on the driver's node
+    _job_args("job.clip_actors=2", "job.clip_actors=4"),         # more open_clip actors than GPUs
+    _job_args("job.clip_actors=2", "job.clip_actors=1"),         # a GPU idles
+    _job_args("job.clip_actors=2", "job.clip_actors=2 job.process_actors=500"),  # more than the CPUs hold
+    _job_args("job.clip_placement=actors", "job.clip_placement=stage1"),  # cuda inside CPU actors: refused
+    _job_args("job.clip_actors=2", "job.clip_actors=2 job.clip_num_gpus=0.5"),  # 2 actors on 1 of 2 GPUs
+    _job_args("--output /shared/out", "--output /data/out"),     # OUT off the shared volume
+    _job_args("scores.clip.checkpoint=/shared/", "scores.clip.checkpoint=/weights/"),
+    _job_args("job.clip_actors=2", "job.clip_actor=2"),          # a key typo (ConfigError)
+    _job_args("scores.clip.device=cuda", "scores.clip.device=gpu"),  # not a choice (ConfigError)
+    _job_args("scores.clip.model=ViT-H-14", "scores.clip.model=ViT-H-41"),  # no such open_clip model
+    _job_args("--input", "--inptu"),                              # pipeline.curate's parser rejects it
+]
+
+
+@pytest.mark.parametrize("change", RAYJOB_BREAKS + CLUSTER_BREAKS + JOB_BREAKS)
+def test_curation_rayjob_check_catches_broken_specs(change):
+    _, job = _curate_docs()
+    change(job)
+
+    def check() -> None:
+        check_rayjob_fields(job)
+        cluster = job["spec"]["rayClusterSpec"]
+        _, args = python_module(split_entrypoint(job["spec"]["entrypoint"], pod_specs(cluster)))
+        check_curation_cluster(cluster, args)
+
+    with pytest.raises((AssertionError, KeyError, SystemExit, ConfigError)):
+        check()
+
+
+@pytest.mark.parametrize("change", CLUSTER_BREAKS)
+def test_raycluster_check_catches_broken_specs(change):
+    doc, _ = _curate_docs()
+    job = {"spec": {"rayClusterSpec": doc["spec"]}}  # the same paths as in the RayJob
+    change(job)
+    with pytest.raises((AssertionError, KeyError)):
+        check_raycluster(doc)
+
+
+def test_kubectl_commands_in_comments_name_their_own_spec():
+    """`kubectl apply/delete -f X` in a spec's comments names that spec; port-forward names the head
+    service KubeRay makes for it (<name>-head-svc)."""
+    seen = 0
+    for path in sorted(CLUSTERS.glob("*.yaml")):
+        names = {d.get("metadata", {}).get("name") for d in yaml.safe_load_all(path.read_text())}
+        comments = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+        for target in re.findall(r"kubectl (?:apply|delete) -f (\S+)", comments):
+            assert Path(target) == path.relative_to(REPO), (path.name, target)
+            seen += 1
+        for service in re.findall(r"kubectl port-forward service/(\S+)", comments):
+            assert service in {f"{n}-head-svc" for n in names}, (path.name, service)
+            seen += 1
+    assert seen >= 5
+
+
 # --------------------------------------------------------------------------------------- every spec
-CHECKED = {"train-k8s-job.yaml", "train-hostfile.example", "train-rayjob.yaml", "ray-cluster.yaml"}
+CHECKED = {"train-k8s-job.yaml", "train-hostfile.example", "train-rayjob.yaml", "ray-cluster.yaml",
+           "curate-raycluster.yaml", "curate-rayjob.yaml"}
 
 
 def test_every_spec_in_clusters_is_checked_here():
