@@ -1,19 +1,22 @@
 """Every launch spec in clusters/ is loaded and checked: it parses, KubeRay manifests carry the fields their
-CRD (ray.io/v1) requires, its commands (in the spec and in its comments) are
+CRD (ray.io/v1) requires, its commands (in the spec, in its comments, and those the Slurm script runs) are
 accepted by the real argument parsers (torchrun's, the deepspeed launcher's, `ray job submit`'s,
 training.train's, training.ray_train's, pipeline.curate's), the configs they name load and validate, and
 what they ask for fits what they declare (nodes, GPUs, CPUs, the curation job's actor plan, rendezvous
 address, the shared volume that holds every path a run reads or writes). Placeholders are marked
-REPLACE_ME. Nothing is launched: no Ray, no processes.
+REPLACE_ME. Nothing is launched: no Ray; the only processes are the Slurm script under stub srun/scontrol.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib.metadata
 import importlib.util
+import os
 import re
 import shlex
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -33,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 CLUSTERS = REPO / "clusters"
 PLACEHOLDER = "REPLACE_ME"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
-LAUNCHERS = ("torchrun", "deepspeed", "ray job submit", "python -m", "ray up", "ray down")
+LAUNCHERS = ("torchrun", "deepspeed", "ray job submit", "python -m", "ray up", "ray down", "sbatch")
 GPU = "nvidia.com/gpu"
 
 
@@ -611,9 +614,135 @@ def test_kubectl_commands_in_comments_name_their_own_spec():
     assert seen >= 5
 
 
+# ------------------------------------------------------------------------------------------------- Slurm
+SLURM = CLUSTERS / "train-slurm.sbatch"
+SBATCH_OPTIONS = ("--nodes", "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task", "--mem", "--job-name",
+                  "--output", "--partition", "--account", "--time")
+STUB_SRUN = '#!/bin/bash\nprintf "%s\\0" "$@" > "$SRUN_ARGV"\n'
+STUB_SCONTROL = ('#!/bin/bash\n[ "$1 $2 $3" = "show hostnames $SLURM_JOB_NODELIST" ] || exit 1\n'
+                 'printf "%s\\n" $STUB_HOSTS\n')
+
+
+def sbatch_parser() -> argparse.ArgumentParser:
+    """sbatch's options used here (Slurm is not installed: its own parser is not at hand), `--x=v` or `--x v`."""
+    p = argparse.ArgumentParser(prog="sbatch", allow_abbrev=False)
+    for option in SBATCH_OPTIONS:
+        p.add_argument(option)
+    p.add_argument("--exclusive", action="store_true")
+    p.add_argument("script")
+    p.add_argument("script_args", nargs=argparse.REMAINDER)
+    return p
+
+
+def sbatch_directives(path: Path) -> argparse.Namespace:
+    """The script's #SBATCH lines; Slurm reads them only above the first command, and ignores later ones."""
+    lines = path.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if i and line.strip() and not line.startswith("#"))
+    directives = [i for i, line in enumerate(lines) if line.startswith("#SBATCH")]
+    assert directives and max(directives) < first, "an #SBATCH line below the first command is ignored"
+    return sbatch_parser().parse_args([t for i in directives for t in shlex.split(lines[i][7:])] + [str(path)])
+
+
+def run_slurm_script(args: list[str], tmp_path: Path, nodes: int, **env: str) -> tuple[subprocess.CompletedProcess,
+                                                                                    list[str] | None]:
+    """Run the batch script as Slurm would on the job's first node, with stub srun/scontrol on PATH: srun
+    records the command it was asked to run on every node. Returns (the run, srun's argv or None)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", STUB_SRUN), ("scontrol", STUB_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    argv_file = tmp_path / "srun.argv"
+    argv_file.unlink(missing_ok=True)
+    hosts = [f"gpu{i:03d}" for i in range(1, nodes + 1)]
+    slurm = {"SLURM_SUBMIT_DIR": str(REPO), "SLURM_NNODES": str(nodes), "SLURM_JOB_ID": "4242",
+             "SLURM_JOB_NODELIST": f"gpu[001-{nodes:03d}]", "SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "64"}
+    full_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "SRUN_ARGV": str(argv_file),
+                "STUB_HOSTS": " ".join(hosts), **slurm, **env}
+    full_env = {k: v for k, v in full_env.items() if v is not None}
+    run = subprocess.run(["bash", str(SLURM), *args], cwd=tmp_path, env=full_env, capture_output=True, text=True,
+                         timeout=60)
+    srun = argv_file.read_text().split("\0")[:-1] if argv_file.exists() else None
+    return run, srun
+
+
+def check_slurm_launch(srun: list[str], nodes: int, gpus: int, cpus: int) -> TrainConfig:
+    """srun starts one torchrun per node (the checkout's .venv), torchrun one rank per GPU meeting at a c10d
+    rendezvous on the first node; training.train's args load and validate, on the shared file system."""
+    i = next(i for i, a in enumerate(srun) if not a.startswith("-"))
+    options, command = srun[:i], srun[i:]
+    assert {f"--nodes={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={cpus}"} <= set(options), options
+    assert command[0] == str(REPO / ".venv" / "bin" / "torchrun") and os.access(command[0], os.X_OK)
+    run = torchrun_args(command)
+    assert int(run.nnodes) == nodes and int(run.nproc_per_node) == gpus
+    assert run.rdzv_backend == "c10d" and run.rdzv_endpoint == "gpu001:29500" and run.rdzv_id == "4242"
+    assert run.module and run.training_script == "training.train"
+    cfg = check_train_args(run.training_script_args)
+    check_shared_paths(cfg, {"/shared"})
+    assert cpus >= gpus * (1 + cfg.data.num_workers)  # every rank and its loader processes get a CPU
+    return cfg
+
+
+def test_slurm_script_is_valid_bash():
+    subprocess.run(["bash", "-n", str(SLURM)], check=True)
+
+
+def test_slurm_script_launches_both_stages_as_its_comments_say(tmp_path):
+    directives = sbatch_directives(SLURM)
+    assert directives.ntasks_per_node == "1" and directives.exclusive
+    gpus, cpus = int(directives.gpus_per_node), int(directives.cpus_per_task)
+    commands = comment_commands(SLURM)
+    stages = set()
+    for argv in commands:
+        assert argv[0] == "sbatch", argv
+        submit = sbatch_parser().parse_args(argv[1:])
+        assert Path(submit.script) == SLURM.relative_to(REPO)
+        nodes = int(submit.nodes or directives.nodes)
+        run, srun = run_slurm_script(submit.script_args, tmp_path, nodes,
+                                     SLURM_GPUS_ON_NODE=str(gpus), SLURM_CPUS_PER_TASK=str(cpus))
+        assert run.returncode == 0 and srun, run.stderr
+        stages.add(check_slurm_launch(srun, nodes, gpus, cpus).stage)
+    assert stages == {"base", "refine"}
+
+
+def test_slurm_script_reads_typed_gpus_per_node(tmp_path):
+    """--gpus-per-node=h100:4 without SLURM_GPUS_ON_NODE: 4 ranks per node."""
+    argv = comment_commands(SLURM)[0]
+    run, srun = run_slurm_script(sbatch_parser().parse_args(argv[1:]).script_args, tmp_path, 2,
+                                 SLURM_GPUS_ON_NODE=None, SLURM_GPUS_PER_NODE="h100:4", SLURM_CPUS_PER_TASK="32")
+    assert run.returncode == 0, run.stderr
+    check_slurm_launch(srun, 2, 4, 32)
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    ([], {}, "usage"),
+    (["configs/train/base.yaml"], {}, "recipe not found"),
+    (None, {"SLURM_GPUS_ON_NODE": None}, "no GPUs"),
+    (None, {"SLURM_SUBMIT_DIR": None}, "not under Slurm"),
+])
+def test_slurm_script_stops_before_srun_on_a_mistake(tmp_path, args, env, message):
+    if args is None:
+        args = sbatch_parser().parse_args(comment_commands(SLURM)[0][1:]).script_args
+    run, srun = run_slurm_script(args, tmp_path, 2, **env)
+    assert run.returncode != 0 and message in run.stderr and srun is None
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("output_dir=/shared/", "output_dir=runs/"),         # checkpoints off the shared file system
+    ("data.shards=", "data.shardz="),                     # a key typo (ConfigError)
+    ("model.vae.path=/shared/", "model.vae.path=/data/"),  # weights off the shared file system
+])
+def test_slurm_check_catches_broken_commands(tmp_path, old, new):
+    argv = [a.replace(old, new) for a in sbatch_parser().parse_args(comment_commands(SLURM)[0][1:]).script_args]
+    run, srun = run_slurm_script(argv, tmp_path, 2)
+    assert run.returncode == 0
+    with pytest.raises((AssertionError, ConfigError)):
+        check_slurm_launch(srun, 2, 8, 64)
+
+
 # --------------------------------------------------------------------------------------- every spec
 CHECKED = {"train-k8s-job.yaml", "train-hostfile.example", "train-rayjob.yaml", "ray-cluster.yaml",
-           "curate-raycluster.yaml", "curate-rayjob.yaml"}
+           "train-slurm.sbatch", "curate-raycluster.yaml", "curate-rayjob.yaml"}
 
 
 def test_every_spec_in_clusters_is_checked_here():
