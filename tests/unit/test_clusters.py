@@ -740,6 +740,41 @@ def test_slurm_check_catches_broken_commands(tmp_path, old, new):
         check_slurm_launch(srun, 2, 8, 64)
 
 
+# ------------------------------------------------------------------------------- DeepSpeed config: one copy
+DEEPSPEED_KEYS = ("zero_optimization", "train_micro_batch_size_per_gpu", "train_batch_size")
+ENTRY_MODULES = {"training.train", "training.ray_train", "pipeline.curate"}
+
+
+def test_the_deepspeed_config_is_the_one_the_trainer_builds_from_the_recipe():
+    """No second copy: the trainer builds its DeepSpeed config in code from the recipe's YAML tree
+    (training.trainer.engine_config), so no file in clusters/ or configs/ holds DeepSpeed config keys or is a
+    JSON config, unless the trainer itself names it; and every spec launches only training.train /
+    training.ray_train (or the curation job), never a script or a --deepspeed_config of its own."""
+    training_sources = "\n".join(p.read_text() for p in (REPO / "training").glob("*.py"))
+    files = [p for d in (CLUSTERS, REPO / "configs") for p in sorted(d.rglob("*")) if p.is_file()]
+    second_copies = [p for p in files
+                     if (p.suffix == ".json" or any(k in p.read_text() for k in DEEPSPEED_KEYS))
+                     and str(p.relative_to(REPO)) not in training_sources]
+    assert not second_copies
+    launched = set()
+    for path in CLUSTERS.iterdir():
+        # words of the spec and its comments (YAML list items `- -m`, `- training.train`; prose in backquotes)
+        tokens = [t.strip("`'\"();,") for t in path.read_text().split() if t != "-"]
+        launched |= {tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t in ("-m", "--module")}
+        assert not any(t.startswith(("--deepspeed", "--ds_config")) or t.endswith(".py") for t in tokens), path
+    assert launched == ENTRY_MODULES
+    # and the recipe is what DeepSpeed gets: its ZeRO stage and micro-batch go into the built config
+    import torch
+
+    from training.trainer import engine_config
+
+    for recipe in sorted((REPO / "configs" / "train").glob("*.yaml")):
+        cfg = load_config(recipe, [])
+        built = engine_config(cfg, torch.float32)
+        assert built["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage, recipe
+        assert built["train_micro_batch_size_per_gpu"] == cfg.data.batch_size, recipe
+
+
 # --------------------------------------------------------------------------------------- every spec
 CHECKED = {"train-k8s-job.yaml", "train-hostfile.example", "train-rayjob.yaml", "ray-cluster.yaml",
            "train-slurm.sbatch", "curate-raycluster.yaml", "curate-rayjob.yaml"}
