@@ -1,4 +1,5 @@
-"""A loopback Ray head that this process starts and stops itself (integration tests, benchmarks).
+"""A loopback Ray head, and worker nodes joining it, that this process starts and stops itself (integration
+tests, benchmarks).
 
 `ray start --head --block` runs in the foreground in its own process group; `stop()` interrupts it (it
 then stops the processes it started) and kills whatever is left of that process group. Never `ray stop`:
@@ -49,16 +50,21 @@ class LocalHead:
     temp_dir: str = ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # --block: stops the processes it started
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # whatever is left of OUR process group (ray start ran in its own session)
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
+        _stop_ray_start(self.proc)
+
+
+def _stop_ray_start(proc: subprocess.Popen) -> None:
+    """Stop a `ray start --block` process and everything in its process group (nothing else)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)  # --block: stops the processes it started
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
             pass
+    try:  # whatever is left of OUR process group (ray start ran in its own session)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
@@ -101,3 +107,55 @@ def start_head(num_cpus: int = 2, dashboard: bool = False, env: dict[str, str] |
         head.stop()
         raise
     return head
+
+
+def _raylet_pid(proc: subprocess.Popen) -> int | None:
+    """PID of the raylet among the children of a `ray start --block` process (None while it has none)."""
+    import psutil
+
+    try:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            if child.name() == "raylet":
+                return child.pid
+    except psutil.NoSuchProcess:
+        pass
+    return None
+
+
+@dataclass
+class LocalNode:
+    """A worker node joined to a LocalHead from its own loopback address (`ip`, e.g. 127.0.0.2)."""
+
+    ip: str
+    proc: subprocess.Popen = field(repr=False)
+
+    def raylet_pid(self) -> int | None:
+        return _raylet_pid(self.proc)
+
+    def stop(self) -> None:
+        _stop_ray_start(self.proc)
+
+
+def start_node(head: LocalHead, ip: str = "127.0.0.2", num_cpus: int = 1, env: dict[str, str] | None = None,
+               timeout: float = 120) -> LocalNode:
+    """Join a worker node with `num_cpus` CPUs on loopback address `ip` to `head`; returns once its raylet
+    runs (ray.nodes() lists it as alive a moment later).
+
+    Ray rewrites a head address of 127.0.0.1 to this machine's own non-loopback address when a node joins
+    from another IP, and that address must never be contacted (only 127.0.0.0/8). The head address is
+    therefore given as the IPv4-mapped IPv6 literal [::ffff:127.0.0.1], which Ray accepts only with
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 (for this one process; the head and the drivers keep 0)."""
+    env = dict(env if env is not None else head.env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
+    port = head.address.rsplit(":", 1)[1]
+    cmd = [str(VENV_BIN / "ray"), "start", "--block", "--address", f"[::ffff:127.0.0.1]:{port}",
+           "--node-ip-address", ip, "--num-cpus", str(num_cpus), "--num-gpus", "0", "--disable-usage-stats"]
+    with open(Path(head.temp_dir) / f"ray_start_{ip}.log", "ab") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    node = LocalNode(ip, proc)
+    deadline = time.monotonic() + timeout
+    while node.raylet_pid() is None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            node.stop()
+            raise RuntimeError(f"worker node {ip} did not start (see {head.temp_dir}/ray_start_{ip}.log)")
+        time.sleep(0.2)
+    return node

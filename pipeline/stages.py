@@ -32,6 +32,9 @@ from curation.torch_rng import GLOBAL_RNG_LOCK
 
 log = logging.getLogger(__name__)
 
+STAGE1_NODE = "_node"
+"""Private source-row key (kept in staging, not in the manifest): IP of the node whose stage-1 actor
+processed the source; OUT/stats.json counts sources per node (`stage1_sources_by_node`)."""
 CLIP_LOAD_ERROR = "_clip_load_error"
 """Private source-row key: open_clip failed to load in a stage-1 actor (the driver stops the job)."""
 STAGE_BUG = "_stage_bug"
@@ -169,6 +172,11 @@ class ProcessSources:
         cv2.setNumThreads(cpus)
         self.cfg = _size_threads(cfg, cpus)
         self.second_opinion = _make_second_opinion(cfg)
+        import ray
+
+        # the node this actor runs on, recorded per source (OUT/stats.json: where stage 1 ran); None when
+        # called outside Ray (a unit test)
+        self.node_ip = ray.util.get_node_ip_address() if ray.is_initialized() else None
         self._local = threading.local()
         self._scoring = None
         if score_clips:
@@ -220,6 +228,7 @@ class ProcessSources:
             except Exception as exc:  # only bugs get here (curation.errors.is_input_error)
                 result = flag_bug(result or error_result(item, f"stage 1 failed: {type(exc).__name__}"),
                                   "stage 1", exc)
+            result.source_row[STAGE1_NODE] = self.node_ip
             keys.append(item.key)
             payloads.append(encode_payload(result))
         return {"key": keys, "payload": payloads}

@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from common.atomic import write_text
+from pipeline.stages import STAGE1_NODE
 
 
 def _error_head(reason: str | None) -> str:
@@ -76,6 +77,8 @@ def build_stats(
         },
         "shards": {"count": len(shards), "samples": int(sum(shards.values())), "bytes": int(shard_bytes)},
         "durations_s": {k: round(v, 3) for k, v in durations.items()},
+        # where stage 1 ran (node IP -> sources of this invocation): a cluster run shows its spread here
+        "stage1_sources_by_node": dict(sorted(Counter(r.get(STAGE1_NODE) or "unknown" for r in this_run).items())),
         "worker_time_s": {
             k: round(_sum_timing(this_run, k), 3) for k in ("decode_s", "detect_s", "total_s", "clip_s")
         },

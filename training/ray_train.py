@@ -9,8 +9,11 @@ A thin launcher, not a second trainer: Ray Train's `TorchTrainer` places N worke
 makes their torch.distributed process group (gloo on CPU, NCCL on GPUs, RANK/WORLD_SIZE/LOCAL_RANK/
 MASTER_ADDR set); each worker then runs `training.train.main` with the same arguments, which finds the
 group already made and goes on exactly as under torchrun or `deepspeed`: the same config tree,
-checkpoints, `--resume`, metrics.jsonl and MLflow run (rank 0 logs). Every argument but --workers,
---cpus-per-worker and --gpus-per-worker is training.train's; both parsers and the config tree are checked
+checkpoints, `--resume`, metrics.jsonl and MLflow run (rank 0 logs). When a rank fails or a node is lost,
+Ray Train stops every rank and starts the group again (--max-failures times; it waits until the cluster
+has room for all of them), and each rank resumes from the newest complete checkpoint in the output dir,
+so a failure costs the steps since that checkpoint, not the run. Every argument but --workers,
+--cpus-per-worker, --gpus-per-worker and --max-failures is training.train's; both parsers and the config tree are checked
 here, before Ray (or torch) is imported.
 
 Ray: RAY_ADDRESS when set (`ray job submit` sets it; `auto` = the cluster `ray start` made on this machine),
@@ -60,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPUs Ray reserves per worker (default 1; on real runs 1 + data.num_workers)")
     p.add_argument("--gpus-per-worker", type=int, choices=(0, 1), default=0,
                    help="0: CPU ranks, gloo (default); 1: one GPU per rank, NCCL (data parallel: never shared)")
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="worker-group failures (a rank's error, a lost node) Ray Train recovers from by "
+                        "restarting every rank, which resumes from the newest complete checkpoint in the "
+                        "output dir (--resume auto); -1: no limit, 0: fail at the first (default 3)")
     return p
 
 
@@ -68,9 +75,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     before Ray starts (status 2, as argparse does)."""
     parser = build_parser()
     args, train_argv = parser.parse_known_args(argv)
-    if args.workers < 1 or args.cpus_per_worker <= 0:
-        parser.error("--workers must be >= 1 and --cpus-per-worker > 0")
-    train.parse_args(train_argv)
+    if args.workers < 1 or args.cpus_per_worker <= 0 or args.max_failures < -1:
+        parser.error("--workers must be >= 1, --cpus-per-worker > 0 and --max-failures >= -1")
+    ns = train.parse_args(train_argv)
+    if args.max_failures != 0 and ns.resume != "auto":
+        # a restarted worker group runs the same arguments again: it must continue, not start over or
+        # go back to a fixed checkpoint
+        parser.error(f"--resume {ns.resume} with --max-failures {args.max_failures}: a restart after a failure "
+                     "would not continue from the newest checkpoint; use --resume auto or --max-failures 0")
     return args, train_argv
 
 
@@ -121,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     init_ray()
     import ray
-    from ray.train import RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     job = {"argv": train_argv, "workdir": os.getcwd(),
@@ -131,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         train_worker, train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.gpus_per_worker > 0,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=RAY_RUN_DIR, storage_path=str(Path(cfg.output_dir).resolve())))
+        run_config=RunConfig(name=RAY_RUN_DIR, storage_path=str(Path(cfg.output_dir).resolve()),
+                             failure_config=FailureConfig(max_failures=args.max_failures)))
     log.info("training.train on %d Ray Train workers (%s each), output %s", args.workers, resources, cfg.output_dir)
     try:
         trainer.fit()
