@@ -123,14 +123,16 @@ def check_curate_args(argv: list[str], shared: set[str]) -> CurateConfig:
     return cfg
 
 
-def check_ray_job_submit(argv: list[str], shared: set[str]) -> None:
-    """`ray job submit OPTIONS -- ENTRYPOINT`: Ray's own CLI parser, then the entrypoint."""
+def check_ray_job_submit(argv: list[str], shared: set[str]) -> dict:
+    """`ray job submit OPTIONS -- ENTRYPOINT`: Ray's own CLI parser, then the entrypoint; returns the parsed
+    options (address, runtime_env_json, entrypoint, ...)."""
     from ray.dashboard.modules.job.cli import submit
 
     assert argv[:3] == ["ray", "job", "submit"], argv
     params = submit.make_context("submit", argv[3:]).params
     assert params["address"] and params["working_dir"] == "."  # submitted from the checkout
     check_entrypoint(list(params["entrypoint"]), shared)
+    return params
 
 
 def torchrun_args(argv: list[str]):
@@ -178,6 +180,35 @@ def expand_k8s_vars(args: list[str], env: list[dict]) -> list[str]:
     used = {name for arg in args for name in re.findall(r"\$\((\w+)\)", arg)}
     assert used <= set(values), used - set(values)
     return [re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], arg) for arg in args]
+
+
+# ------------------------------------------------------------------------------ Ray cluster launcher (ray up)
+def check_launcher_config(spec: dict) -> dict:
+    """What `ray up` does to a cluster-launcher spec before it starts anything: its config preparation (for
+    the local provider: head_ip, worker_ips, no node types of its own) and Ray's JSON schema (no unknown
+    keys, the types of known ones); a local cluster keeps every listed machine (min_workers = max_workers =
+    the worker IPs: Ray silently caps larger numbers). Returns the prepared config."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(spec)
+    validate_config(prepared)
+    if spec["provider"]["type"] == "local":
+        ips = spec["provider"]["worker_ips"]
+        assert spec["min_workers"] == spec["max_workers"] == len(ips) == len(set(ips)), (spec["min_workers"], ips)
+    return prepared
+
+
+def ray_start_params(command: str, checkout: str) -> dict:
+    """`cd CHECKOUT && [VAR=value ...] .venv/bin/ray start ...` (a head/worker start command): the checkout's
+    ray, its options through Ray's own `ray start` parser; returns them (num_cpus, num_gpus, head, ...)."""
+    from ray.scripts.scripts import start
+
+    cd, run = (shlex.split(part) for part in command.split("&&"))
+    assert cd == ["cd", checkout], command
+    while "=" in run[0]:  # environment assignments
+        run = run[1:]
+    assert run[:2] == [".venv/bin/ray", "start"], command
+    return start.make_context("start", run[2:]).params
 
 
 # ---------------------------------------------------------------------------- KubeRay CRD fields (ray.io/v1)

@@ -3,20 +3,25 @@ the fields its CRD (ray.io/v1) requires, with their types; the training RayJob (
 `ray job submit` command run training.ray_train with one rank per GPU on the shared volume; the curation
 RayCluster (curate-raycluster.yaml) and RayJob (curate-rayjob.yaml) run the same pipeline.curate job on the
 same cluster shape, whose command goes through pipeline.curate's parser, config loader and actor planner
-against the cluster's resources; the curation cluster launcher spec (ray-cluster.yaml) and its ray up / job
-submit / down commands; kubectl commands in comments name their own spec. Each broken field is caught.
-Commands go through the real parsers (`ray job submit`'s, training.ray_train's, pipeline.curate's).
-Nothing is launched: no Ray, no processes.
+against the cluster's resources; the cluster launcher specs for curation (ray-cluster.yaml) and for training
+(train-ray-cluster.yaml: GPU nodes, both training stages as Ray jobs sized to the nodes' declared GPUs and CPUs,
+every path on the shared file system its setup requires) and their ray up / job submit / down commands;
+kubectl commands in comments name their own spec. Each broken field is caught. Commands go through the real
+parsers (`ray up`'s config preparation and schema, `ray start`'s, `ray job submit`'s, training.ray_train's,
+pipeline.curate's). Nothing is launched: no Ray, no processes.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 import yaml
+from click import ClickException
+from jsonschema import ValidationError
 
 from common.configtree import ConfigError
 from pipeline.cluster import plan_actors
@@ -29,6 +34,7 @@ from tests.cluster_checks import (
     check_ray_job_submit,
     check_ray_train_args,
     check_raycluster,
+    check_launcher_config,
     check_raycluster_spec,
     check_rayjob_fields,
     check_shared_paths,
@@ -36,6 +42,7 @@ from tests.cluster_checks import (
     mounts,
     pod_specs,
     python_module,
+    ray_start_params,
     split_entrypoint,
 )
 
@@ -106,6 +113,7 @@ def test_rayjob_check_catches_broken_specs(change):
 def test_curation_cluster_launcher_spec():
     path = CLUSTERS / "ray-cluster.yaml"
     spec = yaml.safe_load(path.read_text())
+    check_launcher_config(spec)
     assert spec["provider"]["type"] == "local" and spec["min_workers"] == len(spec["provider"]["worker_ips"])
     commands = comment_commands(path)
     assert [c[:2] for c in commands] == [["ray", "up"], ["ray", "job"], ["ray", "down"]]
@@ -115,6 +123,129 @@ def test_curation_cluster_launcher_spec():
     (mount,) = spec["file_mounts"]
     for command in [*spec["setup_commands"], *spec["head_start_ray_commands"], *spec["worker_start_ray_commands"]]:
         assert command.startswith(f"cd {mount} && ")
+
+
+# ------------------------------------------------------------------- training cluster (ray cluster launcher)
+TRAIN_LAUNCHER = CLUSTERS / "train-ray-cluster.yaml"
+
+
+def check_training_launcher(spec: dict, commands: list[list[str]]) -> None:
+    """The training launcher spec and the commands in its comments: `ray up` accepts the spec (a fixed set of
+    machines); every node installs the checkout (`make setup`) after its setup has checked the shared mount;
+    the head runs no rank (0 CPUs, 0 GPUs for Ray), every worker declares its GPUs and CPUs; `ray up`, one
+    `ray job submit` per training stage to this head, `ray down`. Each job: training.ray_train with one rank
+    per declared GPU (none idle, none missing), its ranks' CPUs fitting every node and the whole cluster, every
+    path on the shared mount, recovery from a lost node (--max-failures != 0), MLflow on a server."""
+    check_launcher_config(spec)
+    (checkout,) = spec["file_mounts"]
+    assert spec["file_mounts"][checkout] == "."  # this checkout, synced to every node
+    setup = spec["setup_commands"]
+    checks = [i for i, c in enumerate(setup) if c.startswith("mountpoint -q ")]
+    shared = {shlex.split(setup[i])[2] for i in checks}
+    install = f"cd {checkout} && make setup"
+    assert shared and install in setup and max(checks) < setup.index(install)  # installed after the mount check
+    (head,) = [ray_start_params(c, checkout) for c in spec["head_start_ray_commands"]]
+    assert head["head"] and head["num_cpus"] == 0 and head["num_gpus"] == 0  # the driver and controller only
+    (worker,) = [ray_start_params(c, checkout) for c in spec["worker_start_ray_commands"]]
+    assert not worker["head"] and worker["num_gpus"] and worker["num_cpus"]  # declared: the sizes checked below
+    nodes, node_gpus, node_cpus = len(spec["provider"]["worker_ips"]), worker["num_gpus"], worker["num_cpus"]
+
+    assert [c[:2] for c in commands] == [["ray", "up"], ["ray", "job"], ["ray", "job"], ["ray", "down"]]
+    assert all(Path(c[2]) == TRAIN_LAUNCHER.relative_to(REPO) for c in (commands[0], commands[-1]))
+    stages = set()
+    for submit in commands[1:-1]:
+        params = check_ray_job_submit(submit, shared)  # parsers, config load + validate, shared paths
+        assert params["address"] == f"http://{spec['provider']['head_ip']}:8265"
+        env = json.loads(params["runtime_env_json"])["env_vars"]
+        assert env["MLFLOW_TRACKING_URI"].startswith("http")  # not a mlflow.db in the job's temporary dir
+        module, args = python_module(list(params["entrypoint"]))
+        assert module == "training.ray_train"
+        launch, cfg = check_ray_train_args(args)
+        stages.add(cfg.stage)
+        assert launch.gpus_per_worker == 1 and launch.max_failures != 0
+        assert launch.workers * launch.gpus_per_worker == nodes * node_gpus  # one rank per GPU, none idle
+        assert launch.workers * launch.cpus_per_worker <= nodes * node_cpus
+        assert node_gpus // launch.gpus_per_worker * launch.cpus_per_worker <= node_cpus  # a node's ranks fit it
+        assert launch.cpus_per_worker >= 1 + cfg.data.num_workers  # the rank + its loader processes
+    assert stages == {"base", "refine"}
+
+
+def _launcher() -> tuple[dict, list[list[str]]]:
+    return yaml.safe_load(TRAIN_LAUNCHER.read_text()), comment_commands(TRAIN_LAUNCHER)
+
+
+def test_training_cluster_launcher_spec_and_its_commands():
+    check_training_launcher(*_launcher())
+
+
+def test_training_launcher_marks_what_a_user_replaces():
+    """The machines, the SSH user and the worker sizes are on lines marked `# replace`, as in ray-cluster.yaml;
+    the job commands address the head placeholder."""
+    marked = [line.split(":")[0].strip() for line in TRAIN_LAUNCHER.read_text().splitlines()
+              if "# replace" in line and not line.startswith("#")]
+    assert {"head_ip", "worker_ips", "ssh_user"} <= set(marked) and any("--num-gpus" in m for m in marked)
+    spec, commands = _launcher()
+    provider = spec["provider"]
+    assert provider["head_ip"] == "HEAD_IP" and all(ip.startswith("WORKER_IP_") for ip in provider["worker_ips"])
+    assert all(c[3:5] == ["--address", "http://HEAD_IP:8265"] for c in commands if c[:2] == ["ray", "job"])
+
+
+def _in_commands(old: str, new: str):
+    def change(spec: dict, commands: list[list[str]]) -> None:
+        lines = [shlex.join(c) for c in commands]
+        assert any(old in line for line in lines)
+        commands[:] = [shlex.split(line.replace(old, new)) for line in lines]
+    return change
+
+
+def _in_spec(key: str, old: str, new: str):
+    def change(spec: dict, commands: list[list[str]]) -> None:
+        assert any(old in c for c in spec[key])
+        spec[key] = [c.replace(old, new) for c in spec[key]]
+    return change
+
+
+def _spec_set(key: str, value):
+    def change(spec: dict, commands: list[list[str]]) -> None:
+        spec[key] = value
+    return change
+
+
+def _one_worker(spec: dict, commands: list[list[str]]) -> None:
+    spec["provider"]["worker_ips"] = spec["provider"]["worker_ips"][:1]
+    spec["min_workers"] = spec["max_workers"] = 1
+
+
+def _no_mount_check(spec: dict, commands: list[list[str]]) -> None:
+    spec["setup_commands"] = [c for c in spec["setup_commands"] if not c.startswith("mountpoint")]
+
+
+@pytest.mark.parametrize("change", [
+    _in_commands("--workers 16", "--workers 32"),                  # more ranks than the nodes' GPUs
+    _in_commands("--workers 16", "--workers 8"),                   # half the GPUs idle
+    _in_commands("--cpus-per-worker 8", "--cpus-per-worker 16"),   # 8 ranks x 16 CPUs on a 64-CPU node
+    _in_commands("--cpus-per-worker 8", "--cpus-per-worker 4"),    # a rank + 6 loader processes on 4 CPUs
+    _in_commands("--max-failures 3", "--max-failures 0"),          # a lost node ends the run
+    _in_commands("--max-failures 3", "--max-failure 3"),           # a typo: training.train rejects it
+    _in_commands("output_dir=/shared/", "output_dir=/data/"),      # checkpoints off the shared mount
+    _in_commands("http://HEAD_IP:8265", "http://127.0.0.1:8265"),  # not this cluster's head
+    _in_commands("refine-1280x720.yaml", "base-448x256.yaml"),     # the refine stage is missing
+    _in_spec("worker_start_ray_commands", "--num-gpus=8", "--num-gpus=4"),  # nodes with fewer GPUs
+    _in_spec("worker_start_ray_commands", " --num-gpus=8", ""),    # GPUs not declared: nothing to size by
+    _in_spec("worker_start_ray_commands", "--num-cpus=64", "--num-cpu=64"),  # `ray start` rejects it
+    _in_spec("head_start_ray_commands", "--num-gpus=0", "--num-gpus=8"),     # ranks could land on the head
+    _in_spec("setup_commands", "make setup", "make install"),      # the checkout's .venv is never built
+    _no_mount_check,                                               # no shared file system required
+    _one_worker,                                                   # 8 GPUs for 16 ranks
+    _spec_set("min_workers", 1),                                   # not every machine joins
+    _spec_set("available_node_types", {"gpu": {"resources": {"GPU": 8}}}),  # the local provider refuses it
+    _spec_set("idle_timeout_minutes", "5m"),                       # Ray's schema: a number
+])
+def test_training_launcher_check_catches_broken_specs(change):
+    spec, commands = _launcher()
+    change(spec, commands)
+    with pytest.raises((AssertionError, KeyError, SystemExit, ClickException, ValidationError)):
+        check_training_launcher(spec, commands)
 
 
 # ------------------------------------------------------------------- curation on KubeRay (RayCluster, RayJob)

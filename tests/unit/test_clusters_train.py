@@ -295,7 +295,8 @@ def test_the_deepspeed_config_is_the_one_the_trainer_builds_from_the_recipe():
 # each file in clusters/ and the test file that loads it (as CLUSTERS / "<name>")
 CHECKED = {"train-k8s-job.yaml": "test_clusters_train.py", "train-hostfile.example": "test_clusters_train.py",
            "train-slurm.sbatch": "test_clusters_train.py", "train-rayjob.yaml": "test_clusters_kuberay.py",
-           "ray-cluster.yaml": "test_clusters_kuberay.py", "curate-raycluster.yaml": "test_clusters_kuberay.py",
+           "ray-cluster.yaml": "test_clusters_kuberay.py", "train-ray-cluster.yaml": "test_clusters_kuberay.py",
+           "curate-raycluster.yaml": "test_clusters_kuberay.py",
            "curate-rayjob.yaml": "test_clusters_kuberay.py"}
 
 
