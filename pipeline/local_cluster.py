@@ -80,7 +80,7 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
 
 
 def start_head(num_cpus: int = 2, dashboard: bool = False, env: dict[str, str] | None = None,
-               cwd: str | Path | None = None, timeout: float = 120) -> LocalHead:
+               cwd: str | Path | None = None, timeout: float = 120, object_store_mb: int | None = None) -> LocalHead:
     """Start a head on 127.0.0.1 with `num_cpus` CPUs and no GPU; returns once it accepts connections."""
     env = env if env is not None else ray_env()
     port = free_port()
@@ -90,8 +90,14 @@ def start_head(num_cpus: int = 2, dashboard: bool = False, env: dict[str, str] |
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
            "--port", str(port), "--num-cpus", str(num_cpus), "--num-gpus", "0", "--disable-usage-stats",
            "--temp-dir", temp_dir]
+    if object_store_mb:
+        cmd += ["--object-store-memory", str(object_store_mb * 2**20)]
+    agent_port = free_port() if dashboard else None
     if dashboard:
-        cmd += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port)]
+        # the head's dashboard agent runs submitted jobs: `ray job submit` fails ("No available agent") until
+        # it listens, which can take seconds after the dashboard itself is up on a busy machine
+        cmd += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
+                "--dashboard-agent-listen-port", str(agent_port)]
     else:
         cmd += ["--include-dashboard", "false"]
     with open(Path(temp_dir) / "ray_start.log", "wb") as log:
@@ -101,8 +107,9 @@ def start_head(num_cpus: int = 2, dashboard: bool = False, env: dict[str, str] |
                      temp_dir)
     try:
         _wait_port(port, proc, timeout)
-        if dash_port is not None:
-            _wait_port(dash_port, proc, timeout)
+        for extra in (dash_port, agent_port):
+            if extra is not None:
+                _wait_port(extra, proc, timeout)
     except BaseException:
         head.stop()
         raise
@@ -137,7 +144,7 @@ class LocalNode:
 
 
 def start_node(head: LocalHead, ip: str = "127.0.0.2", num_cpus: int = 1, env: dict[str, str] | None = None,
-               timeout: float = 120) -> LocalNode:
+               timeout: float = 120, object_store_mb: int | None = None) -> LocalNode:
     """Join a worker node with `num_cpus` CPUs on loopback address `ip` to `head`; returns once its raylet
     runs (ray.nodes() lists it as alive a moment later).
 
@@ -147,15 +154,22 @@ def start_node(head: LocalHead, ip: str = "127.0.0.2", num_cpus: int = 1, env: d
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 (for this one process; the head and the drivers keep 0)."""
     env = dict(env if env is not None else head.env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
     port = head.address.rsplit(":", 1)[1]
+    # its own temp dir, as a separate machine has: with the head's, both nodes' runtime-env agents unpack a
+    # job's working_dir into the same folder at once, under the job's driver (which then crashed on loading
+    # libtorch: "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so", or a segfault)
+    temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")
     cmd = [str(VENV_BIN / "ray"), "start", "--block", "--address", f"[::ffff:127.0.0.1]:{port}",
-           "--node-ip-address", ip, "--num-cpus", str(num_cpus), "--num-gpus", "0", "--disable-usage-stats"]
-    with open(Path(head.temp_dir) / f"ray_start_{ip}.log", "ab") as log:
+           "--node-ip-address", ip, "--num-cpus", str(num_cpus), "--num-gpus", "0", "--disable-usage-stats",
+           "--temp-dir", temp_dir]
+    if object_store_mb:
+        cmd += ["--object-store-memory", str(object_store_mb * 2**20)]
+    with open(Path(temp_dir) / "ray_start.log", "ab") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     node = LocalNode(ip, proc)
     deadline = time.monotonic() + timeout
     while node.raylet_pid() is None:
         if proc.poll() is not None or time.monotonic() > deadline:
             node.stop()
-            raise RuntimeError(f"worker node {ip} did not start (see {head.temp_dir}/ray_start_{ip}.log)")
+            raise RuntimeError(f"worker node {ip} did not start (see {temp_dir}/ray_start.log)")
         time.sleep(0.2)
     return node

@@ -123,12 +123,15 @@ def test_ema_of_zero3_shards_equals_full_ema_and_is_what_gets_exported(runs):
         assert torch.equal(exported_b[n], full_b[n]), n
     moved = [n for n in full_b if not torch.allclose(raw[n], full_b[n], rtol=1e-3, atol=1e-6)]
     assert len(moved) > len(names) // 2  # EMA decay 0.5 over 6 steps lags the weights visibly
-    # across runs (1 vs 2 processes) the EMAs agree as closely as the weights do: Adam turns roundoff into
-    # weight differences of up to ~5% of lr (1e-3), far below any slicing mistake (weights are ~0.1)
+    # across runs (1 vs 2 processes) the EMAs agree as closely as the weights do. Adam turns roundoff into
+    # weight differences: m / sqrt(v) of an element whose gradient is mostly roundoff can differ by up to a
+    # whole step, lr (1e-3), between runs; measured: all but 0-2 of 4.46 M elements within 2e-4, the worst
+    # 4e-4. A slicing mistake moves a large share of elements by the size of the weights (~0.1).
     full_a = {n: t.reshape(shape) for (n, shape), t in zip(names, _state(runs["A"], 0)["ema"]["shadow"])}
-    for n in full_c:
-        torch.testing.assert_close(full_c[n], full_a[n], rtol=0, atol=2e-4, msg=n)
-        torch.testing.assert_close(full_c[n], full_b[n], rtol=0, atol=2e-4, msg=n)
+    for other in (full_a, full_b):
+        diffs = torch.cat([(full_c[n] - other[n].reshape(full_c[n].shape)).abs().flatten() for n in full_c])
+        assert float(diffs.max()) <= 1e-3  # no element further apart than one step's update
+        assert int((diffs > 2e-4).sum()) <= total // 100_000  # and all but a handful as close as the weights
 
 
 # ------------------------------------------------------------------------------------- ZeRO-3 model build

@@ -103,4 +103,11 @@ def test_bad_arguments_stop_before_ray_starts(capsys):
     assert exit_info.value.code == 2 and "--workers" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # training.train's own parser: --config is required
         ray_train.main(["--workers", "2"])
+    # a restart after a failure runs the same arguments: a fixed --resume would not continue the run
+    with pytest.raises(SystemExit) as exit_info:
+        ray_train.main(["--workers", "2", "--config", TINY_BASE, "--resume", "none"])
+    assert exit_info.value.code == 2 and "--max-failures" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        ray_train.main(["--workers", "2", "--max-failures", "-2", "--config", TINY_BASE])
+    assert exit_info.value.code == 2
     assert not ray.is_initialized()
