@@ -10,8 +10,9 @@ servers to the wildcard address once a node joined through [::ffff:127.0.0.1]; t
    `stage1_sources_by_node`, and a `ray::MapWorker` process under each node's processes), and its output
    (both manifests, every shard byte for byte) equals the run on the one-node cluster of the session.
 2. `python -m training.ray_train --workers 2`: one Ray Train worker per node (a `ray::RayTrainWorker`
-   process under each node), the per-step losses of the 2-process torchrun run (train_support's reference B,
-   T-core's tolerance LOSS_RTOL) and the same samples per step.
+   process under each node), the per-step losses of the 2-process run started by the `deepspeed` launcher
+   (train_support's reference B; test_train_deepspeed's tolerance LOSS_RTOL) and the same samples per step;
+   that run in turn equals the torchrun one bit for bit.
 3. Node failure: the same training run; the moment the step-4 checkpoint folder appears, the second node
    dies (SIGKILL to its raylet and every process under it at once: with the raylet alone, its workers live
    on for a moment and the rank there finished its save). The surviving rank's step fails within seconds (its Ray Train worker process is
@@ -118,9 +119,14 @@ def test_curation_job_submitted_to_two_nodes_uses_both_and_equals_one_node(clust
     _assert_loopback_only(watch)
 
 
-def test_ray_train_one_worker_per_node_trains_like_torchrun(cluster, tmp_path_factory, tmp_path, monkeypatch):
+def test_ray_train_one_worker_per_node_trains_like_the_deepspeed_launcher(cluster, tmp_path_factory, tmp_path,
+                                                                          monkeypatch):
     shards = curated_shards(tmp_path_factory)
-    reference = steps(metrics(two_process_zero2(tmp_path_factory, shards)))
+    reference = steps(metrics(two_process_zero2(tmp_path_factory, shards, launcher="deepspeed")))
+    # the `deepspeed` launcher's 2 processes and torchrun's do the same arithmetic on the same samples
+    torchrun = steps(metrics(two_process_zero2(tmp_path_factory, shards)))
+    assert {s: (r["keys"], r["loss"]) for s, r in reference.items()} == \
+        {s: (r["keys"], r["loss"]) for s, r in torchrun.items()}
     monkeypatch.setenv("RAY_ADDRESS", cluster["head"].address)  # train_support.train_env copies os.environ
     got = steps(run([*base_args(shards), *REFERENCE_B], tmp_path / "out", module=LAUNCHER, timeout=600))
     watch = cluster["watch"]

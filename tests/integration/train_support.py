@@ -23,6 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 TINY_BASE = "configs/train/tiny-base.yaml"
 
 # A short tiny-base run: 6 optimizer steps, a checkpoint every 2, EMA decay 0.5 (so the EMA differs
@@ -56,19 +57,26 @@ def curated_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def command(args: list[str], nproc: int = 1, module: list[str] | None = None) -> list[str]:
-    """The training command line: `python -m training.train ...` or torchrun with nproc processes."""
+def command(args: list[str], nproc: int = 1, module: list[str] | None = None, launcher: str = "torchrun") -> list[str]:
+    """The training command line: `python -m training.train ...`, or with nproc processes torchrun or the
+    `deepspeed` launcher (which adds --local_rank to each process's arguments)."""
     entry = module or ["-m", "training.train"]
     if nproc == 1:
         return [PYTHON, *entry, *args]
+    if launcher == "deepspeed":
+        assert entry[0] == "-m", entry
+        from pipeline.local_cluster import free_port
+
+        return [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), "--module", entry[1],
+                *entry[2:], *args]
     return [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "--no-python", PYTHON, *entry, *args]
 
 
 def launch(args: list[str], nproc: int = 1, module: list[str] | None = None,
-           log: Path | None = None) -> subprocess.Popen:
+           log: Path | None = None, launcher: str = "torchrun") -> subprocess.Popen:
     """Start a training job in a new process group (stdout+stderr to `log`)."""
     out = open(log, "ab") if log else subprocess.DEVNULL
-    return subprocess.Popen(command(args, nproc, module), cwd=REPO, env=train_env(), stdout=out,
+    return subprocess.Popen(command(args, nproc, module, launcher), cwd=REPO, env=train_env(), stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -111,11 +119,11 @@ def finish(proc: subprocess.Popen, timeout: float = 400) -> int:
 
 
 def run(args: list[str], out: Path, nproc: int = 1, timeout: float = 400,
-        module: list[str] | None = None) -> list[dict]:
+        module: list[str] | None = None, launcher: str = "torchrun") -> list[dict]:
     """Run a job to the end (must exit 0); returns OUTPUT/metrics.jsonl records."""
     out.mkdir(parents=True, exist_ok=True)
     log = out.parent / f"{out.name}.log"
-    rc = finish(launch([*args, f"output_dir={out}"], nproc, module, log=log), timeout)
+    rc = finish(launch([*args, f"output_dir={out}"], nproc, module, log=log, launcher=launcher), timeout)
     assert rc == 0, f"training exited {rc}; log tail:\n{log.read_text()[-4000:]}"
     return metrics(out)
 
@@ -131,7 +139,7 @@ def steps(records: list[dict]) -> dict[int, dict]:
 
 
 def reference_run(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str], nproc: int,
-                  module: list[str] | None = None) -> Path:
+                  module: list[str] | None = None, launcher: str = "torchrun") -> Path:
     """A run shared by the test modules of a session: done once, its OUTPUT reused."""
     out = tmp_path_factory.getbasetemp() / "train-runs" / name
     if not (out / "DONE").is_file():
@@ -139,7 +147,7 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, name: str, args: lis
             import shutil
 
             shutil.rmtree(out)
-        run(args, out, nproc, module=module)
+        run(args, out, nproc, module=module, launcher=launcher)
         (out / "DONE").write_text(str(time.time()))
     return out
 
@@ -160,7 +168,9 @@ def one_process_zero3(tmp_path_factory, shards: Path) -> Path:
     return reference_run(tmp_path_factory, "p1-zero3", [*base_args(shards), "data.batch_size=2", *ZERO3], nproc=1)
 
 
-def two_process_zero2(tmp_path_factory, shards: Path) -> Path:
-    """Reference B: 2 processes, ZeRO-2, micro-batch 1 each (global batch 2)."""
-    return reference_run(tmp_path_factory, "p2-zero2", [*base_args(shards), "data.batch_size=1",
-                                                       "deepspeed.zero_stage=2"], nproc=2)
+def two_process_zero2(tmp_path_factory, shards: Path, launcher: str = "torchrun") -> Path:
+    """Reference B: 2 processes, ZeRO-2, micro-batch 1 each (global batch 2), started by torchrun or by the
+    `deepspeed` launcher."""
+    name = "p2-zero2" if launcher == "torchrun" else f"p2-zero2-{launcher}"
+    return reference_run(tmp_path_factory, name, [*base_args(shards), "data.batch_size=1",
+                                                  "deepspeed.zero_stage=2"], nproc=2, launcher=launcher)
