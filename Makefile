@@ -53,8 +53,8 @@ train-refine: CONFIG ?= configs/train/tiny-refine.yaml
 train-refine: setup | $(OUT)/shards  ## train the refinement stage (tiny recipe on CPU by default)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(TRAIN) --config $(CONFIG) $(ARGS)
 
-demo: setup curate  ## set up and run the main job on the bundled default
-	@echo "demo done: see $(OUT)/stats.json and $(OUT)/manifest/"
+demo: setup  ## the whole recipe on the bundled sample: curate, train base + refine, generate, evaluate (resumes)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m recipe.demo $(ARGS)
 
 test: setup  ## the whole test suite (unit + integration), CPU only
 	$(BIN)/python -m pytest -q tests

@@ -1,0 +1,138 @@
+"""The whole recipe on the bundled sample, one step after the other: `make demo` (or `python -m recipe.demo`).
+
+    curate     python -m pipeline.curate   tests/assets/sample -> OUT/curate (shards, manifests, report.html)
+    base       python -m training.train    configs/train/tiny-base.yaml   -> OUT/base   (MLflow run, export)
+    refine     python -m training.train    configs/train/tiny-refine.yaml -> OUT/refine (MLflow run, export)
+    generate   python -m model.generate    the bundled image through both exports -> OUT/video.mp4
+    evaluate   python -m training.evaluate the base export on the bundled prompts -> OUT/eval
+
+Every step is the real command a user would run, in its own process (its own progress bar), with the tiny
+random models built in code: a demo of the machinery on CPU, not of video quality. A step whose output is
+complete is skipped, so running the demo again resumes where it stopped and a finished demo ends at once;
+`--force` reruns everything. The environment of the Makefile is expected (loopback Ray, no telemetry, the
+repo importable); `make demo` sets it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "tests" / "assets" / "sample"
+SAMPLE_IMAGE = SAMPLE / "tears_of_steel_frame_0040.jpg"
+
+
+@dataclass
+class Step:
+    """One step of the demo: a command, and how to tell that its output is already complete."""
+
+    name: str
+    what: str
+    argv: list[str]
+    done: Callable[[], bool]
+
+
+def _exists(path: Path) -> Callable[[], bool]:
+    return lambda: path.exists()
+
+
+def _trained(output_dir: Path, recipe: str) -> Callable[[], bool]:
+    """Complete when the samples of the recipe's last step were rendered: the trainer does that after the
+    final checkpoint and export, last of all (an export alone may come from a mid-run sampling step)."""
+    def done() -> bool:
+        from training.config import load_config  # torch-free
+
+        last = load_config(str(REPO / recipe), []).max_steps
+        return (output_dir / "export" / "stage.yaml").is_file() and \
+            any((output_dir / "samples" / f"step-{last:08d}").glob("*.mp4"))
+    return done
+
+
+def steps(out: Path) -> list[Step]:
+    """The demo's steps, writing under `out`."""
+    py = [sys.executable, "-m"]
+    curate, base, refine = out / "curate", out / "base", out / "refine"
+    prompt = (SAMPLE_IMAGE.with_suffix(".txt")).read_text(encoding="utf-8").strip()
+    train = [f"data.shards=[{curate}]"]
+    return [
+        Step("curate", "curate the bundled sample on a local Ray cluster",
+             [*py, "pipeline.curate", "--input", str(SAMPLE), "--output", str(curate)],
+             _exists(curate / "stats.json")),
+        Step("base", "train the tiny base stage (DeepSpeed, CPU)",
+             [*py, "training.train", "--config", "configs/train/tiny-base.yaml", f"output_dir={base}", *train],
+             _trained(base, "configs/train/tiny-base.yaml")),
+        Step("refine", "train the tiny refinement stage (DeepSpeed, CPU)",
+             [*py, "training.train", "--config", "configs/train/tiny-refine.yaml", f"output_dir={refine}", *train],
+             _trained(refine, "configs/train/tiny-refine.yaml")),
+        Step("generate", "generate a video from the bundled image with the cascade",
+             [*py, "model.generate", "--image", str(SAMPLE_IMAGE), "--prompt", prompt, "--base",
+              str(base / "export"), "--refine", str(refine / "export"), "--out", str(out / "video.mp4"),
+              "--device", "cpu"],
+             _exists(out / "video.mp4")),
+        Step("evaluate", "evaluate the base stage on the bundled prompts",
+             [*py, "training.evaluate", "--checkpoint", str(base / "export"), "--out", str(out / "eval")],
+             _exists(out / "eval" / "eval.json")),
+    ]
+
+
+def run(out: Path, force: bool = False, only: list[str] | None = None) -> int:
+    """Run the steps in order (skipping complete ones unless `force`); the first failing step stops the demo
+    with its exit status."""
+    todo = [s for s in steps(out) if not only or s.name in only]
+    t_all = time.monotonic()
+    for i, step in enumerate(todo, 1):
+        head = f"[{i}/{len(todo)}] {step.name}: {step.what}"
+        if step.done() and not force:
+            print(f"{head}: done already, skipped", flush=True)
+            continue
+        print(f"{head}\n      $ {shlex.join(step.argv)}", flush=True)
+        t0 = time.monotonic()
+        rc = subprocess.run(step.argv, cwd=REPO).returncode
+        if rc != 0:
+            print(f"demo: step {step.name} failed with exit status {rc}; fix it and run the demo again "
+                  "(finished steps are skipped)", file=sys.stderr)
+            return rc
+        print(f"      {step.name} finished in {time.monotonic() - t0:.0f} s", flush=True)
+    print(summary(out, time.monotonic() - t_all), flush=True)
+    return 0
+
+
+def summary(out: Path, seconds: float) -> str:
+    """Where to look once the demo has run."""
+    lines = [f"demo finished in {seconds:.0f} s. Where to look:",
+             f"  curation report   {out / 'curate' / 'report.html'}  (funnel, scores, thumbnails)",
+             f"  curated data      {out / 'curate'}/shards, manifest/, stats.json",
+             "  training runs     `mlflow ui` in this folder, then http://127.0.0.1:5000 "
+             "(experiments i2vgen-xl-base and i2vgen-xl-refine: loss, samples, exports)",
+             f"  generated video   {out / 'video.mp4'}",
+             f"  evaluation        {out / 'eval'}"]
+    scores = out / "eval" / "eval.json"
+    if scores.is_file():
+        means = json.loads(scores.read_text()).get("mean", {})
+        if means:
+            lines.append("                    " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()
+                                                           if isinstance(v, (int, float))))
+    lines.append("All models here are tiny and random (built in code): the demo shows the machinery, not quality.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m recipe.demo", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    p.add_argument("--force", action="store_true", help="rerun every step, complete or not")
+    p.add_argument("--only", nargs="+", choices=[s.name for s in steps(Path("x"))], help="run only these steps")
+    args = p.parse_args(argv)
+    return run((REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out),
+               args.force, args.only)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
