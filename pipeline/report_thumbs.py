@@ -26,13 +26,16 @@ import io
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 from PIL import Image
 
 from curation.inputs import source_key
 from pipeline import staging
-from training.shardindex import MemberReader, TarIndex, index_tar
+
+if TYPE_CHECKING:
+    from training.shardindex import TarIndex
 
 KEPT_CAP = 12
 PER_REASON_CAP = 6
@@ -157,6 +160,11 @@ class MediaStore:
     """Fetches a clip's stored (mp4, jpg): kept clips from OUT/shards, rejected ones from OUT/staging."""
 
     def __init__(self, out: Path):
+        # imported here, not at the top: training.shardindex imports webdataset and so torch, which the
+        # job's driver does not import at start (pipeline.shards.preload_writer loads it during the stream)
+        from training.shardindex import MemberReader, index_tar
+
+        self._index_tar = index_tar
         self.out = Path(out)
         self._indexes: dict[str, TarIndex] = {}
         self._reader = MemberReader(max_open=8)
@@ -167,7 +175,7 @@ class MediaStore:
         """(mp4, jpg, problem) of a kept clip from its shard; problem says why a member is missing."""
         path = str(self.out / "shards" / shard)
         if shard not in self._indexes:
-            self._indexes[shard] = index_tar(path)
+            self._indexes[shard] = self._index_tar(path)
         index = self._indexes[shard]
         members = index.samples.get(clip_id)
         if members is None:
