@@ -17,6 +17,8 @@ Phases:
 2. finalize (pipeline.finalize, driver, cheap): late filter + global near-duplicate pass over all staged
    rows, shards packed by bytes in clip_id order, manifests; then stats (pipeline.stats). Deterministic,
    so a resumed run equals an uninterrupted one.
+3. report (pipeline.report): OUT/report.html, written last on every run (resumed ones too); its last
+   summary line points to it.
 
 Exit status: 0 done; 2 a config or input mistake (nothing written); 1 the job could not go on (a model did
 not load in an actor; what was staged stays for a resume).
@@ -40,6 +42,7 @@ from curation.inputs import InputItem, list_inputs, source_key
 from pipeline import resume, shards, staging
 from pipeline.cluster import init_ray, plan_for_cluster
 from pipeline.finalize import finalize
+from pipeline.report import write_report
 from pipeline.stats import build_stats, summary_lines, write_stats
 from pipeline.stream import JobError, largest_first, run_stream
 
@@ -115,10 +118,15 @@ def run(input_path: str, out_dir: str, cfg: CurateConfig, items: list[InputItem]
         notes=notes,
     )
     write_stats(out / "stats.json", stats)
-    if not cfg.output.keep_staging:
-        shutil.rmtree(staging.folder_of(out), ignore_errors=True)
     for line in summary_lines(stats):
         print(line, flush=True)
+    # after every other output (a report that fails loses nothing: see pipeline.report), before staging
+    # goes (its media shows rejected clips)
+    t3 = time.perf_counter()
+    report = write_report(out, cfg)
+    print(f"report:  {report} ({report.stat().st_size / 1e3:.0f} kB, {time.perf_counter() - t3:.1f} s)", flush=True)
+    if not cfg.output.keep_staging:
+        shutil.rmtree(staging.folder_of(out), ignore_errors=True)
     return stats
 
 

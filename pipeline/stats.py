@@ -21,6 +21,18 @@ def _error_head(reason: str | None) -> str:
     return reason.split(":", 1)[0].strip()[:80]
 
 
+def shot_count(source_row: dict) -> int:
+    """Shots of one source: cuts + 1 for a video that decoded, 1 for an image that did, 0 for an error.
+
+    A shot shorter than shots.min_shot_s (after trims) gives no candidate clip and a long one is split at
+    shots.max_clip_s, so candidate_clips may be below or above shots."""
+    if source_row.get("status") != "ok":
+        return 0
+    if source_row.get("kind") == "image":
+        return 1
+    return len(source_row.get("cuts") or []) + 1 if (source_row.get("num_frames") or 0) > 0 else 0
+
+
 def _sum_timing(source_rows: list[dict], key: str) -> float:
     return float(sum((r.get("_timing") or {}).get(key, 0.0) or 0.0 for r in source_rows))
 
@@ -49,6 +61,7 @@ def build_stats(
         funnel[kind] = {
             "inputs": len(srcs),
             "sources_ok": sum(r.get("status") == "ok" for r in srcs),
+            "shots": sum(shot_count(r) for r in srcs),
             "candidate_clips": len(clips),
             "passed_cheap_filters_encoded": len(encoded),
             "kept": sum(bool(r.get("kept")) for r in clips),

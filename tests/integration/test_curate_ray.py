@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,7 +105,8 @@ def _run_driver(ray_cluster, inp, out, timeout=240, extra: list[str] = ()) -> su
 @pytest.fixture(scope="module")
 def full_run(ray_cluster, inputs, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("full") / "out"
-    _run_driver(ray_cluster, inputs["folder"], out)
+    res = _run_driver(ray_cluster, inputs["folder"], out)
+    (out.parent / "driver_stdout.txt").write_text(res.stdout)
     return out
 
 
@@ -139,6 +141,18 @@ def test_poison_is_recorded_and_good_sources_are_ok(full_run, inputs):
     assert stats["clips"]["kept"] == int(_table(full_run, "clips")["kept"].sum()) > 0
     assert any("random weights" in n for n in stats["notes"])
     assert (full_run / "config.yaml").is_file()
+    # the report: written by the job, its funnel = stats.json, the failed sources listed with their reason
+    html = (full_run / "report.html").read_text()
+    funnel = {k: int(v) for k, v in re.findall(r'<td data-funnel="([^"]+)">(\d+)</td>', html)}
+    assert funnel == {f"{kind}.{k}": v for kind, c in stats["funnel"].items() for k, v in c.items()}
+    assert funnel["video.shots"] >= funnel["video.sources_ok"] > 0
+    assert {k: int(v) for k, v in re.findall(r'<td data-clips="([^"]+)">(\d+)</td>', html)} == {
+        "candidates": stats["clips"]["candidates"], "kept": stats["clips"]["kept"]}
+    assert {k: int(v) for k, v in re.findall(r'<td data-reject="([^"]+)">(\d+)</td>', html)} == \
+        stats["clips"]["rejected_by_reason"]
+    assert "poison_empty.mp4" in html and 'class="thumb" data-group="kept"' in html
+    last = (full_run.parent / "driver_stdout.txt").read_text().strip().splitlines()[-1]
+    assert last.startswith(f"report:  {full_run / 'report.html'} ("), last
 
 
 SHARD_MEMBERS = {"video": {"mp4", "jpg", "txt", "json"}, "image": {"jpg", "txt", "json"}}
