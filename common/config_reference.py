@@ -240,8 +240,9 @@ def render_job(job: Job, root: type) -> tuple[str, int, list[str]]:
     return "\n".join(lines), count, missing
 
 
-def render(jobs: tuple[Job, ...] = JOBS) -> tuple[str, dict[str, int]]:
-    """The whole reference and {job module: number of keys}; MissingDocstrings names undocumented fields."""
+def render(jobs: tuple[Job, ...] | None = None) -> tuple[str, dict[str, int]]:
+    """The reference of `jobs` (default: JOBS) and {job module: number of keys}; MissingDocstrings names
+    undocumented fields."""
     parts = [
         "# Configuration reference",
         "",
@@ -257,7 +258,7 @@ def render(jobs: tuple[Job, ...] = JOBS) -> tuple[str, dict[str, int]]:
     ]
     counts: dict[str, int] = {}
     missing: list[str] = []
-    for job in jobs:
+    for job in JOBS if jobs is None else jobs:
         root = getattr(importlib.import_module(job.module), job.root)
         text, counts[job.module], job_missing = render_job(job, root)
         parts.append(text)
