@@ -85,9 +85,9 @@ JOBS: tuple[Job, ...] = (
             python -m training.train --config configs/train/tiny-base.yaml [key=value ...] [--resume auto|none|PATH]
             ```
 
-            Defaults below are the dataclass defaults; the recipe given with `--config` (the
-            `configs/train/*.yaml` files: tiny-base, tiny-refine, base-448x256, refine-1280x720,
-            finetune-i2vgen-xl) overrides many of them, then `key=value` overrides on the command line,
+            Defaults below are the dataclass defaults; the recipe given with `--config` (one of the
+            `configs/train/*.yaml` files, each a tiny CPU demo or a paper-scale stage) overrides many of
+            them, then `key=value` overrides on the command line,
             e.g. `data.batch_size=2 optim.lr=3e-4 max_steps=50`. Unknown keys and badly typed values exit
             with status 2 before torch is imported, naming the key. The resolved tree is written to
             `OUTPUT/config.yaml` (`output_dir`), beside every checkpoint
