@@ -7,7 +7,7 @@ unknown keys and badly typed values raise `common.configtree.ConfigError` naming
 `validate(cfg)` checks what the schema cannot (combinations: flavour vs stage, widths of tiny encoders
 vs the UNet, timestep range vs schedule) without touching the filesystem, so every shipped recipe can be
 validated on any machine. `missing_paths(cfg)` lists the local files a run needs that are absent
-(OpenCLIP checkpoint, VAE folder, init_from), each with its config key; `check_paths(cfg)` raises on
+(OpenCLIP checkpoint, VAE folder, init_from, the evaluation's CLIP and prompts), each with its config key; `check_paths(cfg)` raises on
 them before any work. Each component receives only its sub-config.
 
 Every class of the tree lives in a module that imports neither torch nor DeepSpeed (`model.config`,
@@ -176,11 +176,11 @@ def validate(cfg: TrainConfig) -> None:
                           f"model.diffusion.num_timesteps={m.diffusion.num_timesteps}")
     if m.diffusion.prediction not in ("v", "eps"):
         raise ConfigError(f"model.diffusion.prediction: {m.diffusion.prediction!r} is not one of ['eps', 'v']")
+    if m.flavor:  # init_from's architecture is only known once its file is read (check_paths)
+        check_unet(cfg, unet_config(cfg))
     if cfg.stage != "base" and cfg.evaluation.every_steps is not None:
         raise ConfigError("evaluation.every_steps: evaluation scores image-to-video generation, i.e. the base "
                           f"stage; set evaluation.every_steps=null for a {cfg.stage} stage run")
-    if m.flavor:  # init_from's architecture is only known once its file is read (check_paths)
-        check_unet(cfg, unet_config(cfg))
 
 
 def check_unet(cfg: TrainConfig, ucfg: UNetConfig) -> None:
