@@ -79,8 +79,14 @@ def scorer_config(cfg: EvaluationConfig, stage_clip: ClipConfig, device: str = "
 
 
 def build_scorer(choice: ScorerChoice) -> ClipScorer:
-    """The ClipScorer of `choice` (built once per evaluator: ViT-H-14 takes seconds to load)."""
-    return ClipScorer(choice.config)
+    """The ClipScorer of `choice` (built once per evaluator: ViT-H-14 takes seconds to load). The tiny random
+    CLIP draws its weights from torch's global RNG: seeded with 0 here, as the curation job seeds it, so every
+    evaluation scores with the same model; the caller's RNG state is restored afterwards."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return ClipScorer(choice.config)
 
 
 # -------------------------------------------------------------------------------------------- scores

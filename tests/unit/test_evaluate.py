@@ -25,6 +25,7 @@ from training.config import load_config, missing_paths, validate
 from training.eval_metrics import (
     METRICS,
     NO_VIT_H,
+    build_scorer,
     clip_metrics,
     mean_metrics,
     pixel_motion,
@@ -47,7 +48,7 @@ def scorer() -> ClipScorer:
 @pytest.fixture(scope="module")
 def photo() -> np.ndarray:
     """The bundled frame, 128x96 (H, W, 3) uint8."""
-    return np.asarray(Image.open(IMAGE).convert("RGB").resize((128, 96)))
+    return np.array(Image.open(IMAGE).convert("RGB").resize((128, 96)))
 
 
 def panning(photo: np.ndarray, frames: int = 8, step: int = 3) -> np.ndarray:
@@ -126,6 +127,16 @@ def test_scorer_choice_uses_a_local_checkpoint_else_says_tiny_random(tmp_path):
     assert (given.config.checkpoint, given.source, given.note) == (str(weights), "evaluation.clip_checkpoint", None)
     with pytest.raises(FileNotFoundError, match="clip_checkpoint"):
         scorer_config(EvaluationConfig(clip_checkpoint=str(tmp_path / "missing.bin")), tiny_stage)
+
+
+def test_tiny_scorer_is_the_same_model_whatever_the_rng_state(photo):
+    choice = scorer_config(EvaluationConfig(), ClipConfig(kind="tiny-random"))
+    torch.manual_seed(1)
+    first = build_scorer(choice).embed_images(photo[None])
+    torch.rand(100)
+    before = torch.random.get_rng_state()
+    assert np.array_equal(build_scorer(choice).embed_images(photo[None]), first)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's RNG is left as it was
 
 
 def test_evaluation_config_in_the_training_tree(tmp_path):
