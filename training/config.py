@@ -7,8 +7,8 @@ unknown keys and badly typed values raise `common.configtree.ConfigError` naming
 `validate(cfg)` checks what the schema cannot (combinations: flavour vs stage, widths of tiny encoders
 vs the UNet, timestep range vs schedule) without touching the filesystem, so every shipped recipe can be
 validated on any machine. `missing_paths(cfg)` lists the local files a run needs that are absent
-(OpenCLIP checkpoint, VAE folder, init_from, the evaluation's CLIP and prompts), each with its config key; `check_paths(cfg)` raises on
-them before any work. Each component receives only its sub-config.
+(OpenCLIP checkpoint, VAE folder, init_from, the evaluation's CLIP and prompts), each with its config key;
+`check_paths(cfg)` raises on them before any work. Each component receives only its sub-config.
 
 Every class of the tree lives in a module that imports neither torch nor DeepSpeed (`model.config`,
 `training.subconfigs`, `training.tracking`), so loading and validating a tree imports no heavy package:
