@@ -7,8 +7,8 @@ unknown keys and badly typed values raise `common.configtree.ConfigError` naming
 `validate(cfg)` checks what the schema cannot (combinations: flavour vs stage, widths of tiny encoders
 vs the UNet, timestep range vs schedule) without touching the filesystem, so every shipped recipe can be
 validated on any machine. `missing_paths(cfg)` lists the local files a run needs that are absent
-(OpenCLIP checkpoint, VAE folder, init_from), each with its config key; `check_paths(cfg)` raises on
-them before any work. Each component receives only its sub-config.
+(OpenCLIP checkpoint, VAE folder, init_from, the evaluation's CLIP and prompts), each with its config key;
+`check_paths(cfg)` raises on them before any work. Each component receives only its sub-config.
 
 Every class of the tree lives in a module that imports neither torch nor DeepSpeed (`model.config`,
 `training.subconfigs`, `training.tracking`), so loading and validating a tree imports no heavy package:
@@ -27,7 +27,14 @@ from typing import Any, Literal
 from common import configtree
 from common.configtree import ConfigError
 from model.config import FLAVORS, ClipConfig, DiffusionConfig, UNetConfig, VAEConfig, get_flavor
-from training.subconfigs import DataConfig, DeepSpeedConfig, EMAConfig, ObjectiveConfig, SamplingConfig
+from training.subconfigs import (
+    DataConfig,
+    DeepSpeedConfig,
+    EMAConfig,
+    EvaluationConfig,
+    ObjectiveConfig,
+    SamplingConfig,
+)
 from training.tracking import TrackingConfig
 
 Stage = Literal["base", "refine"]
@@ -98,6 +105,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     max_steps: int = 1000
     """Optimizer steps of the whole run (a resumed run continues up to it)."""
     grad_accum_steps: int = 1
@@ -170,6 +178,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"model.diffusion.prediction: {m.diffusion.prediction!r} is not one of ['eps', 'v']")
     if m.flavor:  # init_from's architecture is only known once its file is read (check_paths)
         check_unet(cfg, unet_config(cfg))
+    if cfg.stage != "base" and cfg.evaluation.every_steps is not None:
+        raise ConfigError("evaluation.every_steps: evaluation scores image-to-video generation, i.e. the base "
+                          f"stage; set evaluation.every_steps=null for a {cfg.stage} stage run")
 
 
 def check_unet(cfg: TrainConfig, ucfg: UNetConfig) -> None:
@@ -201,6 +212,11 @@ def missing_paths(cfg: TrainConfig) -> list[tuple[str, str]]:
         for name in ("config.json", "diffusion_pytorch_model.safetensors"):
             if folder is None or not (folder / name).is_file():
                 missing.append(("model.vae.path", str(folder / name) if folder else "(empty)"))
+    e = cfg.evaluation
+    if e.every_steps is not None and e.clip_checkpoint and not Path(e.clip_checkpoint).is_file():
+        missing.append(("evaluation.clip_checkpoint", e.clip_checkpoint))
+    if e.every_steps is not None and e.images and not Path(e.images).is_dir():
+        missing.append(("evaluation.images", e.images))
     if m.init_from:
         from model.convert import OUR_CONFIG, OUR_WEIGHTS  # imports torch: only for init_from runs
 

@@ -11,6 +11,7 @@ on a busy machine). Each component module imports its own class from here and re
     ema         EMAConfig        training.ema
     deepspeed   DeepSpeedConfig  training.engine (ZeRO stage, offload, precision)
     sampling    SamplingConfig   training.samples (validation videos, export defaults)
+    evaluation  EvaluationConfig training.evaluate (scores of generated videos)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from common.configtree import ConfigError
+from common.configtree import ConfigError, check_fields
 
 
 @dataclass
@@ -191,3 +192,30 @@ class SamplingConfig:
             raise ConfigError(f"sampling.guidance={self.guidance}: must be >= 1 (1 = no guidance)")
         if len(self.captions) > len(self.images):
             raise ConfigError(f"sampling.captions has {len(self.captions)} entries for {len(self.images)} images")
+
+
+@dataclass
+class EvaluationConfig:
+    """Evaluation of the exported base stage (`training.evaluate`): generate from held-out image (+caption)
+    prompts and score fidelity to the image, text alignment, frame consistency and motion. The same config
+    drives `python -m training.evaluate` (its flags) and the evaluations of a training run."""
+
+    every_steps: int | None = None
+    """Training: null = never; 0 = once, at the end of training; N = every N optimizer steps and at the end
+    (each evaluation comes with an export, like the samples). Base stage only."""
+    images: str | None = None
+    """Folder of held-out prompts: NAME.jpg / NAME.jpeg / NAME.png, each with an optional caption NAME.txt;
+    null: the bundled image-text pair(s) in tests/assets/sample."""
+    clip_model: str = "ViT-H-14"
+    """open_clip architecture of `clip_checkpoint` (I2VGen-XL's own CLIP is ViT-H-14)."""
+    clip_checkpoint: str | None = None
+    """Local open_clip weights of the scoring CLIP. null: the stage's own CLIP when it is a local open_clip
+    checkpoint (stage.yaml clip.kind=openclip), else the tiny random CLIP built in code, and every output
+    (eval.json, the log, the MLflow tag eval.clip) says that the scores are not meaningful."""
+    seed: int = 0
+    """Prompt i is generated with seed + i (the same noise at every evaluation of a run)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, ("every_steps", self.every_steps is None or self.every_steps >= 0,
+                            "must be null (off), 0 (at the end of training) or >= 1"),
+                     ("clip_model", bool(self.clip_model.strip()), "must name an open_clip architecture (ViT-H-14)"))

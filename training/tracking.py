@@ -352,6 +352,39 @@ class Tracker:
         self._guard(f"log artifacts {local_dir} -> {artifact_path}",
                     lambda: self._client.log_artifacts(self.run_id, str(local_dir), artifact_path))
 
+    def log_file(self, path: str | Path, artifact_path: str) -> None:
+        """Copy one file into the run's artifacts under `artifact_path`."""
+        if not self.active or self.run_id is None:
+            return
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"artifact file not found: {path}")
+        self._guard(f"log artifact {path} -> {artifact_path}",
+                    lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Set (or overwrite) tags of the run; values cut to MLflow's limit."""
+        if not self.active or self.run_id is None:
+            return
+        for key, value in tags.items():
+            self._guard(f"set tag {key}", lambda k=key, v=value: self._client.set_tag(self.run_id, k,
+                                                                                       str(v)[:MAX_TAG_VALUE]))
+
+    def attach(self, run_id: str) -> str:
+        """Log into the existing run `run_id` without touching its status, params or config (e.g. an
+        evaluation of a finished training run); `end()` is then not called. TrackingError when the store
+        has no such active run."""
+        if not self.active:
+            raise TrackingError("attach: tracking is disabled")
+        self.check()
+        try:
+            run = self._client.get_run(run_id)
+        except Exception as exc:  # noqa: BLE001 - unknown id or unusable store: same user-facing error
+            raise TrackingError(f"MLflow store {self.uri}: no run {run_id!r}: {_short(exc)}") from exc
+        if run.info.lifecycle_stage != "active":
+            raise TrackingError(f"MLflow store {self.uri}: run {run_id} is deleted")
+        self.run_id = run_id
+        return run_id
+
     def end(self, status: RunStatus = "FINISHED") -> None:
         """Log the last held-back metrics, stop system metrics, mark the run FINISHED / FAILED / KILLED."""
         if not self.active or self.run_id is None:

@@ -17,7 +17,9 @@ and logs the numbers to MLflow. Each start of the job also writes an `"event": "
 rank's parameter bytes right after the UNet was built) and, after its first optimizer step, an
 `"event": "memory"` line with every rank's parameter + optimizer bytes. Checkpoints every
 `checkpoint.every_steps` and at the end (training.checkpoint); the EMA export + validation mp4s every
-`sampling.every_steps` and at the end (training.samples). Only rank 0 logs, exports and shows the progress
+`sampling.every_steps` and at the end (training.samples); the export's evaluation every
+`evaluation.every_steps` (training.evaluate: OUTPUT/eval/step-N/, metrics `eval/...`, an `"event":
+"evaluation"` line). Only rank 0 logs, exports and shows the progress
 bar.
 """
 
@@ -41,6 +43,7 @@ from training import engine as ds
 from training.config import TrainConfig, check_paths, to_yaml, unet_config
 from training.data import TrainLoader, check_shards
 from training.ema import EMA
+from training.evaluate import Evaluator, log_evaluation, prompt_files
 from training.frozen import FrozenEncoders
 from training.objective import Objective
 from training.samples import export_stage, render_samples, sampling_items, stage_config
@@ -181,6 +184,10 @@ class Run:
                 "device": str(dist_info.device), "precision": str(self.dtype).replace("torch.", "")}
         self.run_id = tracker.start(to_dict(cfg), self.config_yaml, tags, run_id=run_id)
         self.items = sampling_items(cfg.sampling, cfg.stage, cfg.data) if dist_info.is_main else []
+        self.evaluator = None
+        if cfg.evaluation.every_steps is not None and dist_info.is_main:
+            prompt_files(cfg.evaluation.images)  # a bad prompt folder fails now, not after training
+            self.evaluator = Evaluator(cfg.evaluation, dist_info.device, self.dtype)
         self.log_start()
 
     def find_resume(self, resume: str) -> str | None:
@@ -297,15 +304,21 @@ class Run:
             if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.max_steps:
                 self.save(rng)
                 saved = self.step
-            if (cfg.sampling.every_steps and self.step % cfg.sampling.every_steps == 0) or self.step == cfg.max_steps:
-                self.export()
+            sample_due = bool(cfg.sampling.every_steps) and self.step % cfg.sampling.every_steps == 0
+            if sample_due or self.eval_due() or self.step == cfg.max_steps:
+                self.export(evaluate=self.eval_due())
                 exported = self.step
             ckpt.set_rng_state(rng)
         bar.close()
         if saved != self.step:
             self.save(ckpt.rng_state())
         if exported != self.step:
-            self.export()
+            self.export(evaluate=self.eval_due())
+
+    def eval_due(self) -> bool:
+        """Whether this step is evaluated: evaluation.every_steps (null: never; 0: at max_steps only)."""
+        every = self.cfg.evaluation.every_steps
+        return every is not None and ((every > 0 and self.step % every == 0) or self.step >= self.cfg.max_steps)
 
     # -------------------------------------------------------------------------------- checkpoint/export
     def save(self, rng: dict[str, Any]) -> None:
@@ -314,8 +327,9 @@ class Run:
                  "mlflow_run_id": self.run_id, "world_size": self.dist.world_size}
         ckpt.save(self.out, self.step, self.engine, state, self.config_yaml, self.dist, self.cfg.checkpoint.keep_last)
 
-    def export(self) -> None:
-        """Gather the EMA (or raw) weights to rank 0, write OUTPUT/export, render samples, log both."""
+    def export(self, evaluate: bool = False) -> None:
+        """Gather the EMA (or raw) weights to rank 0, write OUTPUT/export, render samples, log both; with
+        `evaluate` also score the export (training.evaluate, OUTPUT/eval/step-N/, metrics eval/... at this step)."""
         infos, tensors = ds.local_param_shards(self.engine)
         weights = ds.gather_full(infos, self.ema.shadow if self.ema is not None else tensors,
                                  is_main=self.dist.is_main, device=self.dist.device)
@@ -326,6 +340,12 @@ class Run:
             render_samples(folder, self.items, samples_dir, seed=self.cfg.sampling.seed, device=self.dist.device,
                            dtype=self.dtype)
             self.tracker.log_artifacts(samples_dir, f"samples/step-{self.step:08d}")
+            if evaluate and self.evaluator is not None:
+                eval_dir = self.out / "eval" / f"step-{self.step:08d}"
+                result = self.evaluator.evaluate(folder, eval_dir)
+                log_evaluation(self.tracker, result, eval_dir, self.step, f"eval/step-{self.step:08d}")
+                self.write_metrics({"event": "evaluation", "step": self.step, "means": result["means"],
+                                    "clip": result["clip"]["model"], "clip_real": result["clip"]["real"]})
         ds.barrier()
 
 

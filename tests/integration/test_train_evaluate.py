@@ -1,0 +1,42 @@
+"""Evaluation inside a training run: `python -m training.train` (tiny-base, 2 steps, evaluation.every_steps=1)
+on shards built in code (tests.train_shards) scores the export at steps 1 and 2 with training.evaluate's
+Evaluator and logs `eval/...` metrics at those steps, tags and the grid into the training run itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from tests.integration.train_support import TINY_BASE, run
+from tests.train_shards import video_sample, write_tar
+from training.eval_metrics import NO_VIT_H
+
+
+def test_training_evaluates_its_exports_into_its_own_run(tmp_path: Path):
+    shards = write_tar(tmp_path / "data" / "shards" / "video-000000.tar",
+                       [video_sample(f"clip{i}", num_frames=24, offset=4 * i) for i in range(3)])
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "run"
+    records = run(["--config", TINY_BASE, f"data.shards=[{shards}]", "data.image_fraction=0.0", "data.num_workers=0",
+                   "max_steps=2", "optim.warmup_steps=1", "checkpoint.every_steps=2", "sampling.num_samples=1", "sampling.steps=2",
+                   "evaluation.every_steps=1", f"tracking.tracking_uri={store}", "tracking.system_metrics=false"],
+                  out)
+    evals = [r for r in records if r.get("event") == "evaluation"]
+    assert [r["step"] for r in evals] == [1, 2]
+    assert all(r["clip"] == "tiny-random" and r["clip_real"] is False for r in evals)
+    for step in (1, 2):
+        result = json.loads((out / "eval" / f"step-{step:08d}" / "eval.json").read_text())
+        assert result["checkpoint"] == str((out / "export").resolve()) and result["clip"]["note"] == NO_VIT_H
+        assert result["means"]["motion"] is not None and result["means"]["text_alignment"] is not None
+        assert evals[step - 1]["means"] == result["means"]
+
+    client = MlflowClient(store)
+    (training_run,) = client.search_runs([client.get_experiment_by_name("i2vgen-xl-base").experiment_id])
+    assert training_run.info.status == "FINISHED" and training_run.data.tags["eval.clip_note"] == NO_VIT_H
+    history = client.get_metric_history(training_run.info.run_id, "eval/fidelity_mean")
+    assert [m.step for m in history] == [1, 2]
+    assert "train/loss" in training_run.data.metrics  # the same run as the training metrics
+    artifacts = {a.path for a in client.list_artifacts(training_run.info.run_id, "eval/step-00000002")}
+    assert artifacts == {"eval/step-00000002/grid.mp4", "eval/step-00000002/eval.json"}
