@@ -1,10 +1,12 @@
 """The whole recipe on the bundled sample, one step after the other: `make demo` (or `python -m recipe.demo`).
 
-    curate     python -m pipeline.curate   tests/assets/sample -> OUT/curate (shards, manifests, report.html)
-    base       python -m training.train    configs/train/tiny-base.yaml   -> OUT/base   (MLflow run, export)
-    refine     python -m training.train    configs/train/tiny-refine.yaml -> OUT/refine (MLflow run, export)
+    curate     python -m pipeline.curate   tests/assets/sample -> out/curate-sample (shards, manifests, report.html)
+    base       python -m training.train    configs/train/tiny-base.yaml   -> runs/tiny-base (MLflow run, export)
+    refine     python -m training.train    configs/train/tiny-refine.yaml -> runs/tiny-refine (MLflow run, export)
     generate   python -m model.generate    the bundled image through both exports -> OUT/video.mp4
     evaluate   python -m training.evaluate the base export on the bundled prompts -> OUT/eval
+
+(the first three are what `make curate`, `make train-base` and `make train-refine` run, in the same folders)
 
 Every step is the real command a user would run, in its own process (its own progress bar), with the tiny
 random models built in code: a demo of the machinery on CPU, not of video quality. A step whose output is
@@ -44,41 +46,53 @@ def _exists(path: Path) -> Callable[[], bool]:
     return lambda: path.exists()
 
 
-def _trained(output_dir: Path, recipe: str) -> Callable[[], bool]:
+def _trained(folder: Path, recipe: str) -> Callable[[], bool]:
     """Complete when the samples of the recipe's last step were rendered: the trainer does that after the
     final checkpoint and export, last of all (an export alone may come from a mid-run sampling step)."""
     def done() -> bool:
         from training.config import load_config  # torch-free
 
         last = load_config(str(REPO / recipe), []).max_steps
-        return (output_dir / "export" / "stage.yaml").is_file() and \
-            any((output_dir / "samples" / f"step-{last:08d}").glob("*.mp4"))
+        return (folder / "export" / "stage.yaml").is_file() and \
+            any((folder / "samples" / f"step-{last:08d}").glob("*.mp4"))
     return done
 
 
+CURATED = "out/curate-sample"  # where `make curate` writes and the tiny recipes read (data.shards)
+RECIPES = {"base": "configs/train/tiny-base.yaml", "refine": "configs/train/tiny-refine.yaml"}
+
+
+def output_dir(recipe: str) -> Path:
+    """The recipe's output_dir (where `make train-base` / `make train-refine` write too)."""
+    from training.config import load_config  # torch-free
+
+    return REPO / load_config(str(REPO / recipe), []).output_dir
+
+
 def steps(out: Path) -> list[Step]:
-    """The demo's steps, writing under `out`."""
+    """The demo's steps: the same commands and folders as `make curate`, `make train-base` and `make
+    train-refine` (so either resumes the other's work), then generation and evaluation under `out`."""
     py = [sys.executable, "-m"]
-    curate, base, refine = out / "curate", out / "base", out / "refine"
+    curate = REPO / CURATED
+    base, refine = output_dir(RECIPES["base"]), output_dir(RECIPES["refine"])
     prompt = (SAMPLE_IMAGE.with_suffix(".txt")).read_text(encoding="utf-8").strip()
-    train = [f"data.shards=[{curate}]"]
     return [
         Step("curate", "curate the bundled sample on a local Ray cluster",
-             [*py, "pipeline.curate", "--input", str(SAMPLE), "--output", str(curate)],
+             [*py, "pipeline.curate", "--input", str(SAMPLE.relative_to(REPO)), "--output", CURATED],
              _exists(curate / "stats.json")),
-        Step("base", "train the tiny base stage (DeepSpeed, CPU)",
-             [*py, "training.train", "--config", "configs/train/tiny-base.yaml", f"output_dir={base}", *train],
-             _trained(base, "configs/train/tiny-base.yaml")),
-        Step("refine", "train the tiny refinement stage (DeepSpeed, CPU)",
-             [*py, "training.train", "--config", "configs/train/tiny-refine.yaml", f"output_dir={refine}", *train],
-             _trained(refine, "configs/train/tiny-refine.yaml")),
-        Step("generate", "generate a video from the bundled image with the cascade",
-             [*py, "model.generate", "--image", str(SAMPLE_IMAGE), "--prompt", prompt, "--base",
+        Step("base", "train the tiny base stage (DeepSpeed, CPU; MLflow run in ./mlflow.db)",
+             [*py, "training.train", "--config", RECIPES["base"]], _trained(base, RECIPES["base"])),
+        Step("refine", "train the tiny refinement stage (DeepSpeed, CPU; MLflow run in ./mlflow.db)",
+             [*py, "training.train", "--config", RECIPES["refine"]], _trained(refine, RECIPES["refine"])),
+        Step("generate", "generate a video from the bundled image with the cascade of both exports",
+             [*py, "model.generate", "--image", str(SAMPLE_IMAGE.relative_to(REPO)), "--prompt", prompt, "--base",
               str(base / "export"), "--refine", str(refine / "export"), "--out", str(out / "video.mp4"),
               "--device", "cpu"],
              _exists(out / "video.mp4")),
+        # files only: the base run in MLflow already holds the same scores, evaluated at its last step
         Step("evaluate", "evaluate the base stage on the bundled prompts",
-             [*py, "training.evaluate", "--checkpoint", str(base / "export"), "--out", str(out / "eval")],
+             [*py, "training.evaluate", "--checkpoint", str(base / "export"), "--out", str(out / "eval"),
+              "--no-mlflow"],
              _exists(out / "eval" / "eval.json")),
     ]
 
@@ -108,15 +122,15 @@ def run(out: Path, force: bool = False, only: list[str] | None = None) -> int:
 def summary(out: Path, seconds: float) -> str:
     """Where to look once the demo has run."""
     lines = [f"demo finished in {seconds:.0f} s. Where to look:",
-             f"  curation report   {out / 'curate' / 'report.html'}  (funnel, scores, thumbnails)",
-             f"  curated data      {out / 'curate'}/shards, manifest/, stats.json",
+             f"  curation report   {REPO / CURATED / 'report.html'}  (funnel, scores, thumbnails)",
+             f"  curated data      {REPO / CURATED}/shards, manifest/, stats.json",
              "  training runs     `mlflow ui` in this folder, then http://127.0.0.1:5000 "
              "(experiments i2vgen-xl-base and i2vgen-xl-refine: loss, samples, exports)",
              f"  generated video   {out / 'video.mp4'}",
              f"  evaluation        {out / 'eval'}"]
     scores = out / "eval" / "eval.json"
     if scores.is_file():
-        means = json.loads(scores.read_text()).get("mean", {})
+        means = json.loads(scores.read_text()).get("means", {})
         if means:
             lines.append("                    " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()
                                                            if isinstance(v, (int, float))))

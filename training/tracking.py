@@ -110,6 +110,10 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len(prefix):].split("?", 1)[0])
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+"""Experiment tag MLflow 3's UI reads to pick an experiment's view (custom_model_development: runs)."""
+
+
 def artifact_location(uri: str, experiment: str) -> str | None:
     """Artifact root of a new experiment: <database dir>/mlruns/<experiment> for SQLite, else None (the
     store's default: a server's artifact proxy, a file store's own folder)."""
@@ -193,6 +197,8 @@ class Tracker:
                                     "(restore it in the UI or choose another tracking.experiment)")
             else:
                 exp_id = experiment.experiment_id
+                if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older version or by hand
+                    client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, "custom_model_development")
         except TrackingError:
             raise
         except Exception as exc:  # any failure to reach or use the store is the same user-facing error
@@ -213,8 +219,11 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         try:
+            # the kind tag makes MLflow 3's UI open the experiment on its training runs, not on the GenAI
+            # (traces) view it shows an experiment of unknown kind
             return client.create_experiment(self.experiment,
-                                            artifact_location=artifact_location(self.uri, self.experiment))
+                                            artifact_location=artifact_location(self.uri, self.experiment),
+                                            tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
         except MlflowException as exc:  # another job created it between our lookup and create
             existing = client.get_experiment_by_name(self.experiment)
             if existing is None:

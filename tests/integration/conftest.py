@@ -1,14 +1,17 @@
-"""A real local Ray cluster for the integration tests, started and stopped by this session only.
-
-pipeline.local_cluster starts `ray start --head --block` in its own process group and stops exactly that
-(never `ray stop`, which would kill every Ray on the machine).
+"""Session fixtures of the integration tests: a real local Ray cluster started and stopped by this session
+only (pipeline.local_cluster starts `ray start --head --block` in its own process group and stops exactly
+that, never `ray stop`, which would kill every Ray on the machine), and a fresh clone after `make
+train-base` + `make train-refine` (clone_support), shared by test_train_make.py and test_demo_browser.py.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pytest
+from clone_support import MAKE_TIMEOUT_S, fresh_clone, make_cmd, run_group
 
 from pipeline.local_cluster import ray_env, start_head
 
@@ -28,3 +31,18 @@ def ray_cluster():
         yield {"address": head.address, "dashboard": head.dashboard, "env": head.env}
     finally:
         head.stop()
+
+
+@pytest.fixture(scope="session")
+def trained_clone(tmp_path_factory) -> dict:
+    """The clone after `make train-base` and `make train-refine` (each must exit 0)."""
+    clone = fresh_clone(tmp_path_factory.mktemp("clone"))
+    logs = {}
+    for target in ("train-base", "train-refine"):
+        log = clone.parent / f"{target}.log"
+        t0 = time.monotonic()
+        rc = run_group(make_cmd(target), clone, MAKE_TIMEOUT_S, log)
+        logs[target] = time.monotonic() - t0
+        assert rc == 0, f"make {target} exited {rc}:\n{log.read_text()[-6000:]}"
+    print(f"make wall times (s): {json.dumps({k: round(v, 1) for k, v in logs.items()})}")
+    return {"clone": clone, "uri": f"sqlite:///{clone / 'mlflow.db'}"}

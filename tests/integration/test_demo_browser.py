@@ -1,0 +1,174 @@
+"""`make demo` in a fresh clone, and what a user then sees, checked in a real browser.
+
+The clone is conftest's `trained_clone` (clone_support: a fresh clone after `make train-base` and `make
+train-refine`). `make demo` runs the same commands in the same folders, so it finds the curated sample and
+both trained stages complete, skips them, and runs generation (the cascade of both exports) and evaluation;
+a second `make demo` finds every step complete and skips all of them.
+
+The browser is headless Chromium from Debian's packages (/usr/bin/chromium; `.ci/run` installs it), driven
+by Playwright (never a downloaded browser); the tests skip, saying so, only where it is absent. They check:
+the curation report's funnel numbers equal OUT/stats.json and every thumbnail loads; a plain `mlflow ui`
+started in the clone opens each stage's experiment on its training runs (not MLflow 3's GenAI view), lists
+the run, draws its `train/loss` chart, and plays a sample mp4 in a <video> element; the Ray dashboard of a
+running local cluster lists a curation job submitted to it. Screenshots go to out/browser-screenshots/ of
+the repository (printed at the end of each test).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from clone_support import CHROMIUM, REPO, clone_env, free_port, make_cmd, run_group, stage_runs, stop_group
+from mlflow import MlflowClient
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+SHOTS = REPO / "out" / "browser-screenshots"
+needs_chromium = pytest.mark.skipif(not CHROMIUM.is_file(),
+                                    reason="chromium not installed (apt-get install -y chromium): browser checks skipped")
+
+
+@pytest.fixture(scope="module")
+def demo(trained_clone) -> dict:
+    clone = trained_clone["clone"]
+    runs = {}
+    for attempt in ("first", "again"):
+        log = clone.parent / f"demo-{attempt}.log"
+        t0 = time.monotonic()
+        rc = run_group(make_cmd("demo"), clone, 900, log)
+        runs[attempt] = {"seconds": time.monotonic() - t0, "log": log.read_text()}
+        assert rc == 0, f"make demo ({attempt}) exited {rc}:\n{runs[attempt]['log'][-6000:]}"
+    print(f"make demo after make train-base/train-refine: {runs['first']['seconds']:.0f} s; "
+          f"again: {runs['again']['seconds']:.0f} s")
+    return {**trained_clone, **runs}
+
+
+def test_make_demo_skips_finished_steps_and_runs_the_rest(demo):
+    clone, first, again = demo["clone"], demo["first"]["log"], demo["again"]["log"]
+    for step in ("curate", "base", "refine"):  # done by make train-base / train-refine (which curate first)
+        assert _skipped(first, step), first[-3000:]
+    for step in ("generate", "evaluate"):
+        assert not _skipped(first, step) and f"{step} finished in" in first, first[-3000:]
+    assert all(_skipped(again, s) for s in ("curate", "base", "refine", "generate", "evaluate")), again[-3000:]
+    assert "demo finished" in again and "mlflow ui" in again
+    video = clone / "out" / "demo" / "video.mp4"
+    scores = json.loads((clone / "out" / "demo" / "eval" / "eval.json").read_text())
+    assert video.stat().st_size > 0 and scores["means"]["motion"] is not None
+    assert (clone / "out" / "curate-sample" / "report.html").is_file()
+
+
+def _skipped(log: str, step: str) -> bool:
+    """The demo's line for `step` says it was complete already (recipe.demo prints `[i/n] step: ...`)."""
+    return any(f"] {step}: " in line and line.endswith("done already, skipped") for line in log.splitlines())
+
+
+# ------------------------------------------------------------------------------------------- browser
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-dev-shm-usage"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@needs_chromium
+def test_report_funnel_equals_stats_and_thumbnails_load(demo, browser):
+    out = demo["clone"] / "out" / "curate-sample"
+    stats = json.loads((out / "stats.json").read_text())
+    page = browser.new_page()
+    page.goto((out / "report.html").as_uri())
+    shown = dict(page.eval_on_selector_all(
+        "[data-funnel]", "els => els.map(e => [e.getAttribute('data-funnel'), e.textContent.trim()])"))
+    expected = {f"{kind}.{key}": str(value) for kind, counts in stats["funnel"].items()
+                for key, value in counts.items()}
+    assert shown and {k: shown[k] for k in expected if k in shown} == {k: v for k, v in expected.items() if k in shown}
+    assert {"video.inputs", "video.kept", "image.kept"} <= set(shown)
+    images = page.eval_on_selector_all("img", "els => els.map(e => e.complete && e.naturalWidth > 0)")
+    assert images and all(images), images
+    page.screenshot(path=str(SHOTS / "report.png"), full_page=True)
+    print(f"screenshot: {SHOTS / 'report.png'}")
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(demo):
+    clone, port = demo["clone"], free_port()
+    log = open(demo["clone"].parent / "mlflow-ui.log", "w")
+    # a plain `mlflow ui` in the clone (no store flags: it must find mlflow.db and mlruns by itself), on
+    # loopback; one worker: four importing MLflow at once take ~50 s on 2 loaded cores
+    ui = subprocess.Popen([str(REPO / ".venv/bin/mlflow"), "ui", "--host", "127.0.0.1", "--port", str(port),
+                           "--workers", "1"], cwd=clone, env=clone_env(), stdout=log, stderr=subprocess.STDOUT,
+                          start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert ui.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-3000:]
+                time.sleep(1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_group(ui)
+        log.close()
+
+
+@needs_chromium
+def test_mlflow_ui_opens_the_training_runs_with_loss_chart_and_playing_video(demo, browser, mlflow_ui):
+    runs = stage_runs(MlflowClient(demo["uri"]))
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    for stage, (experiment, run) in runs.items():
+        # what a user clicks: the experiment itself; it must open on its runs
+        page.goto(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}")
+        page.get_by_text(run.info.run_name).first.wait_for(timeout=60_000)
+        page.screenshot(path=str(SHOTS / f"mlflow-{stage}-experiment.png"))
+        assert "/traces" not in page.url and "genai" not in page.url.lower(), page.url
+    base_exp, base_run = runs["base"]
+    page.goto(f"{mlflow_ui}/#/experiments/{base_exp.experiment_id}/runs/{base_run.info.run_id}/model-metrics")
+    page.get_by_text("train/loss").first.wait_for(timeout=60_000)
+    page.locator("canvas, svg.main-svg, .js-plotly-plot").first.wait_for(timeout=60_000)  # the chart itself
+    page.screenshot(path=str(SHOTS / "mlflow-base-loss.png"))
+    client = MlflowClient(demo["uri"])
+    mp4 = sorted(f.path for d in client.list_artifacts(base_run.info.run_id, "samples")
+                 for f in client.list_artifacts(base_run.info.run_id, d.path) if f.path.endswith(".mp4"))[-1]
+    page.goto(f"{mlflow_ui}/#/experiments/{base_exp.experiment_id}/runs/{base_run.info.run_id}/artifacts/{mp4}")
+    video = page.locator("video").first
+    video.wait_for(timeout=60_000)
+    state = page.wait_for_function(
+        "() => { const v = document.querySelector('video'); if (!v) return null;"
+        " v.muted = true; v.play(); return v.readyState >= 2 && v.videoWidth > 0 ? "
+        "{w: v.videoWidth, h: v.videoHeight, d: v.duration} : null; }", timeout=60_000).json_value()
+    assert state["w"] > 0 and state["d"] > 0, state
+    page.wait_for_function("() => document.querySelector('video').currentTime > 0", timeout=30_000)
+    page.screenshot(path=str(SHOTS / "mlflow-base-video.png"))
+    print(f"screenshots: {sorted(p.name for p in SHOTS.glob('mlflow-*.png'))} in {SHOTS}")
+
+
+@needs_chromium
+def test_ray_dashboard_lists_the_curation_job(ray_cluster, browser, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in ("tears_of_steel_frame_0040.jpg", "tears_of_steel_frame_0040.txt"):
+        (inp / name).write_bytes((REPO / "tests/assets/sample" / name).read_bytes())
+    submission = "curate-dashboard-check"
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster["dashboard"],
+           "--submission-id", submission, "--working-dir", ".", "--", "python", "-m", "pipeline.curate",
+           "--input", str(inp), "--output", str(tmp_path / "out")]
+    res = subprocess.run(cmd, env=ray_cluster["env"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(f"{ray_cluster['dashboard']}/#/jobs")
+    page.get_by_text(submission).first.wait_for(timeout=60_000)
+    page.screenshot(path=str(SHOTS / "ray-dashboard-jobs.png"))
+    assert "pipeline.curate" in page.content()
+    print(f"screenshot: {SHOTS / 'ray-dashboard-jobs.png'}")
