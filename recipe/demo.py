@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -124,8 +125,8 @@ def summary(out: Path, seconds: float) -> str:
     lines = [f"demo finished in {seconds:.0f} s. Where to look:",
              f"  curation report   {REPO / CURATED / 'report.html'}  (funnel, scores, thumbnails)",
              f"  curated data      {REPO / CURATED}/shards, manifest/, stats.json",
-             "  training runs     `mlflow ui` in this folder, then http://127.0.0.1:5000 "
-             "(experiments i2vgen-xl-base and i2vgen-xl-refine: loss, samples, exports)",
+             "  training runs     `mlflow ui` in this folder, then (loss, samples, exports, evaluation):",
+             *[f"                    {line}" for line in training_links()],
              f"  generated video   {out / 'video.mp4'}",
              f"  evaluation        {out / 'eval'}"]
     scores = out / "eval" / "eval.json"
@@ -136,6 +137,24 @@ def summary(out: Path, seconds: float) -> str:
                                                            if isinstance(v, (int, float))))
     lines.append("All models here are tiny and random (built in code): the demo shows the machinery, not quality.")
     return "\n".join(lines)
+
+
+def training_links() -> list[str]:
+    """UI links of the two stages' experiments in ./mlflow.db (the trainer's default store)."""
+    from mlflow import MlflowClient
+
+    from training.tracking import default_tracking_uri, ui_link
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return [f"(no MLflow store at {uri})"]
+    client = MlflowClient(uri)
+    lines = []
+    for stage in RECIPES:
+        experiment = client.get_experiment_by_name(f"i2vgen-xl-{stage}")
+        if experiment is not None:
+            lines.append(f"{stage:7s} {ui_link(uri, experiment.experiment_id)}")
+    return lines or [f"(no runs in {uri}: MLFLOW_TRACKING_URI pointed elsewhere?)"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,6 +114,19 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 """Experiment tag MLflow 3's UI reads to pick an experiment's view (custom_model_development: runs)."""
 
 
+LOCAL_UI = "http://127.0.0.1:5000"  # where a plain `mlflow ui` serves a local store
+
+
+def ui_link(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI address of an experiment (or one of its runs) in the store `uri`: the server itself for
+    http(s) stores, a plain `mlflow ui` (LOCAL_UI) for local ones. `workflowType=machine_learning` opens it
+    on the training runs: MLflow 3's UI otherwise starts every browser in its GenAI view (traces), whatever
+    the experiment holds."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    path = f"/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}{path}?workflowType=machine_learning"
+
+
 def artifact_location(uri: str, experiment: str) -> str | None:
     """Artifact root of a new experiment: <database dir>/mlruns/<experiment> for SQLite, else None (the
     store's default: a server's artifact proxy, a file store's own folder)."""
@@ -256,8 +269,8 @@ class Tracker:
             self._guard("log resumed params", lambda: self._log_resumed_params(flat, config_yaml, tags))
         if self.cfg.system_metrics:
             self._guard("start system metrics", lambda: self._start_monitor(resume=bool(resumed)))
-        log.info("MLflow: %s run %s in experiment '%s' (%s)", "resumed" if resumed else "started",
-                 self.run_id, self.experiment, self.uri)
+        log.info("MLflow: %s run %s in experiment '%s' (%s); in the UI: %s", "resumed" if resumed else "started",
+                 self.run_id, self.experiment, self.uri, ui_link(self.uri, self._experiment_id, self.run_id))
         return self.run_id
 
     def _run_tags(self, tags: dict[str, str]) -> dict[str, str]:

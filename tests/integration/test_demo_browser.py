@@ -126,22 +126,30 @@ def mlflow_ui(demo):
 @needs_chromium
 def test_mlflow_ui_opens_the_training_runs_with_loss_chart_and_playing_video(demo, browser, mlflow_ui):
     runs = stage_runs(MlflowClient(demo["uri"]))
+    # the links the demo prints at its end, as a user opens them (the test's UI runs on another port)
+    links = dict(line.split()[:2] for line in demo["again"]["log"].splitlines()
+                 if line.strip().startswith(("base ", "refine ")) and "http://" in line)
+    assert set(links) == {"base", "refine"}, demo["again"]["log"][-2000:]
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     for stage, (experiment, run) in runs.items():
-        # what a user clicks: the experiment itself; it must open on its runs
-        page.goto(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}")
+        page.goto(links[stage].replace("http://127.0.0.1:5000", mlflow_ui))
         page.get_by_text(run.info.run_name).first.wait_for(timeout=60_000)
         page.screenshot(path=str(SHOTS / f"mlflow-{stage}-experiment.png"))
-        assert "/traces" not in page.url and "genai" not in page.url.lower(), page.url
+        # the training runs' view, not MLflow 3's GenAI one (its overview / traces pages)
+        assert f"/experiments/{experiment.experiment_id}/runs" in page.url, page.url
+        assert "workflowType=genai" not in page.url, page.url
     base_exp, base_run = runs["base"]
-    page.goto(f"{mlflow_ui}/#/experiments/{base_exp.experiment_id}/runs/{base_run.info.run_id}/model-metrics")
-    page.get_by_text("train/loss").first.wait_for(timeout=60_000)
-    page.locator("canvas, svg.main-svg, .js-plotly-plot").first.wait_for(timeout=60_000)  # the chart itself
+    page.goto(f"{mlflow_ui}/#/experiments/{base_exp.experiment_id}/runs/{base_run.info.run_id}"
+              "?workflowType=machine_learning")
+    page.get_by_role("tab", name="Model metrics").click()
+    page.get_by_placeholder("Search metric charts").fill("train/loss")
+    page.get_by_text("(train/loss)").first.wait_for(timeout=60_000)  # the chart's legend: the chart is drawn
     page.screenshot(path=str(SHOTS / "mlflow-base-loss.png"))
     client = MlflowClient(demo["uri"])
     mp4 = sorted(f.path for d in client.list_artifacts(base_run.info.run_id, "samples")
                  for f in client.list_artifacts(base_run.info.run_id, d.path) if f.path.endswith(".mp4"))[-1]
-    page.goto(f"{mlflow_ui}/#/experiments/{base_exp.experiment_id}/runs/{base_run.info.run_id}/artifacts/{mp4}")
+    page.goto(f"{mlflow_ui}/#/experiments/{base_exp.experiment_id}/runs/{base_run.info.run_id}/artifacts/{mp4}"
+              "?workflowType=machine_learning")
     video = page.locator("video").first
     video.wait_for(timeout=60_000)
     state = page.wait_for_function(
