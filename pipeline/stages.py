@@ -29,12 +29,10 @@ from curation.errors import is_input_error
 from curation.inputs import InputItem
 from curation.process import CLIP_SIMILARITY, SourceResult, error_result, process_source
 from curation.torch_rng import GLOBAL_RNG_LOCK
+from pipeline.stats import STAGE1_NODE
 
 log = logging.getLogger(__name__)
 
-STAGE1_NODE = "_node"
-"""Private source-row key (kept in staging, not in the manifest): IP of the node whose stage-1 actor
-processed the source; OUT/stats.json counts sources per node (`stage1_sources_by_node`)."""
 CLIP_LOAD_ERROR = "_clip_load_error"
 """Private source-row key: open_clip failed to load in a stage-1 actor (the driver stops the job)."""
 STAGE_BUG = "_stage_bug"

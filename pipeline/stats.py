@@ -11,7 +11,10 @@ from collections import Counter
 from pathlib import Path
 
 from common.atomic import write_text
-from pipeline.stages import STAGE1_NODE
+
+STAGE1_NODE = "_node"
+"""Private source-row key (kept in staging, not in the manifest): IP of the node whose stage-1 actor
+processed the source; counted per node as `stage1_sources_by_node`."""
 
 
 def _error_head(reason: str | None) -> str:

@@ -43,7 +43,6 @@ from training import engine as ds
 from training.config import TrainConfig, check_paths, to_yaml, unet_config
 from training.data import TrainLoader, check_shards
 from training.ema import EMA
-from training.evaluate import Evaluator, log_evaluation, prompt_files
 from training.frozen import FrozenEncoders
 from training.objective import Objective
 from training.samples import export_stage, render_samples, sampling_items, stage_config
@@ -186,6 +185,9 @@ class Run:
         self.items = sampling_items(cfg.sampling, cfg.stage, cfg.data) if dist_info.is_main else []
         self.evaluator = None
         if cfg.evaluation.every_steps is not None and dist_info.is_main:
+            # here, not at the top: scoring (OpenCV, PyAV, the CLIP scorer) only where evaluation is on
+            from training.evaluate import Evaluator, prompt_files
+
             prompt_files(cfg.evaluation.images)  # a bad prompt folder fails now, not after training
             self.evaluator = Evaluator(cfg.evaluation, dist_info.device, self.dtype)
         self.log_start()
@@ -341,6 +343,8 @@ class Run:
                            dtype=self.dtype)
             self.tracker.log_artifacts(samples_dir, f"samples/step-{self.step:08d}")
             if evaluate and self.evaluator is not None:
+                from training.evaluate import log_evaluation
+
                 eval_dir = self.out / "eval" / f"step-{self.step:08d}"
                 result = self.evaluator.evaluate(folder, eval_dir)
                 log_evaluation(self.tracker, result, eval_dir, self.step, f"eval/step-{self.step:08d}")

@@ -15,12 +15,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 from mlflow import MlflowClient
+
+from pipeline.local_cluster import free_port  # noqa: F401  (re-exported for the clone tests)
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -45,7 +46,9 @@ def fresh_clone(dst: Path) -> Path:
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / rel)
     (dst / ".venv").symlink_to((REPO / ".venv").resolve())
-    (dst / ".cache").symlink_to(cache_dir())
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)  # on a clean checkout no training has made it yet
+    (dst / ".cache").symlink_to(cache)
     git = ["git", "-C", str(dst), "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
     subprocess.run(git + ["init", "-q"], check=True)
     subprocess.run(git + ["add", "-A"], check=True)
@@ -57,12 +60,6 @@ def clone_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING") and k != "PYTHONPATH"}
     env.update(MLFLOW_DISABLE_TELEMETRY="true", OMP_NUM_THREADS="1")
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_cmd(target: str, *args: str) -> list[str]:

@@ -24,7 +24,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from clone_support import CHROMIUM, REPO, clone_env, free_port, make_cmd, run_group, stage_runs, stop_group
+from clone_support import (
+    CHROMIUM, MAKE_TIMEOUT_S, REPO, clone_env, free_port, make_cmd, run_group, stage_runs, stop_group,
+)
 from mlflow import MlflowClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -40,7 +42,7 @@ def demo(trained_clone) -> dict:
     for attempt in ("first", "again"):
         log = clone.parent / f"demo-{attempt}.log"
         t0 = time.monotonic()
-        rc = run_group(make_cmd("demo"), clone, 900, log)
+        rc = run_group(make_cmd("demo"), clone, MAKE_TIMEOUT_S, log)
         runs[attempt] = {"seconds": time.monotonic() - t0, "log": log.read_text()}
         assert rc == 0, f"make demo ({attempt}) exited {rc}:\n{runs[attempt]['log'][-6000:]}"
     print(f"make demo after make train-base/train-refine: {runs['first']['seconds']:.0f} s; "

@@ -31,14 +31,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import cluster_env
 from test_train_deepspeed import LOSS_RTOL
 from train_support import (
     base_args, curated_shards, finish, job_processes, kill_job, launch, metrics, run, steps, two_process_zero2,
 )
 from two_node_support import LoopbackWatch, wait_for_nodes
 
-from pipeline.local_cluster import start_head, start_node
+from pipeline.local_cluster import ray_env, start_head, start_node
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "tests" / "assets" / "sample"
@@ -47,6 +46,11 @@ LAUNCHER = ["-m", "training.ray_train", "--workers", "2", "--cpus-per-worker", "
 REFERENCE_B = ["data.batch_size=1", "deepspeed.zero_stage=2"]  # train_support.two_process_zero2's arguments
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def cluster_env() -> dict[str, str]:
+    """Environment of both nodes and of the drivers started here: the repo importable, loopback-only Ray."""
+    return ray_env(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
