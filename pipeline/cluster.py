@@ -118,7 +118,7 @@ def plan_for_cluster(cfg: CurateConfig) -> ActorPlan:
         log.info("stage-1 actors: %d x %g CPU, %d sources at a time each, CLIP scoring inside them",
                  plan.process_actors, plan.process_cpus, plan.threads)
     else:
-        log.info("stage-1 actors: %d x %g CPU, %d sources at a time each; open_clip actors: %d x (%g CPU, "
+        log.info("stage-1 actors: %d x %g CPU, %d sources at a time each; CLIP scoring actors: %d x (%g CPU, "
                  "%g GPU)", plan.process_actors, plan.process_cpus, plan.threads, cfg.job.clip_actors,
                  plan.clip_cpus, plan.clip_gpus)
     return plan

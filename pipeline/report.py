@@ -128,7 +128,7 @@ def scores_section(clips: pa.Table, filt: FilterConfig, notes: list[str]) -> str
         if missing:
             labels.append(f"{missing} clips without a value")
         if name == "clip_similarity" and random_clip:
-            labels.append("open_clip had random weights: recorded, not used")
+            labels.append("CLIP had random weights: recorded, not used")
         parts.append(f'<figure class="score" data-score="{esc(name)}"><figcaption><b>{esc(name)}</b> '
                      f'{" · ".join(labels)}</figcaption>{histogram_svg(name, values, kept, drawn)}</figure>')
     return "\n".join(parts)

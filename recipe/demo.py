@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -143,18 +142,20 @@ def training_links() -> list[str]:
     """UI links of the two stages' experiments in ./mlflow.db (the trainer's default store)."""
     from mlflow import MlflowClient
 
-    from training.tracking import default_tracking_uri, ui_link
+    from training.config import load_config
+    from training.tracking import resolve_tracking_uri, sqlite_path, ui_link
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        return [f"(no MLflow store at {uri})"]
-    client = MlflowClient(uri)
     lines = []
-    for stage in RECIPES:
-        experiment = client.get_experiment_by_name(f"i2vgen-xl-{stage}")
+    for stage, recipe in RECIPES.items():
+        tracking = load_config(str(REPO / recipe), []).tracking
+        uri = resolve_tracking_uri(tracking)  # where the trainer logged this stage
+        db = sqlite_path(uri)
+        if db is not None and not db.is_file():
+            continue
+        experiment = MlflowClient(uri).get_experiment_by_name(tracking.experiment or f"i2vgen-xl-{stage}")
         if experiment is not None:
             lines.append(f"{stage:7s} {ui_link(uri, experiment.experiment_id)}")
-    return lines or [f"(no runs in {uri}: MLFLOW_TRACKING_URI pointed elsewhere?)"]
+    return lines or ["(no runs found in the recipes' MLflow store)"]
 
 
 def main(argv: list[str] | None = None) -> int:

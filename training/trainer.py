@@ -307,8 +307,9 @@ class Run:
                 self.save(rng)
                 saved = self.step
             sample_due = bool(cfg.sampling.every_steps) and self.step % cfg.sampling.every_steps == 0
-            if sample_due or self.eval_due() or self.step == cfg.max_steps:
-                self.export(evaluate=self.eval_due())
+            eval_due = self.eval_due()
+            if sample_due or eval_due or self.step == cfg.max_steps:
+                self.export(evaluate=eval_due)
                 exported = self.step
             ckpt.set_rng_state(rng)
         bar.close()

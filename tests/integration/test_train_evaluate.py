@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
+from train_support import TINY_BASE, run
 
-from tests.integration.train_support import TINY_BASE, run
 from tests.train_shards import video_sample, write_tar
 from training.eval_metrics import NO_VIT_H
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_training_evaluates_its_exports_into_its_own_run(tmp_path: Path):
