@@ -1,7 +1,7 @@
 """Session fixtures of the integration tests: a real local Ray cluster started and stopped by this session
 only (pipeline.local_cluster starts `ray start --head --block` in its own process group and stops exactly
 that, never `ray stop`, which would kill every Ray on the machine), and a fresh clone after `make
-train-base` + `make train-refine` (clone_support), shared by test_train_make.py and test_demo_browser.py.
+train-base` + `make train-refine` (clone_support) for test_train_make.py.
 """
 
 from __future__ import annotations

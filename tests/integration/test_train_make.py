@@ -6,7 +6,7 @@ Then: `<clone>/mlflow.db`, queried with MlflowClient, holds one FINISHED run per
 falling `train/loss`, mp4 samples and the exported checkpoint; `python -m model.generate` runs the cascade
 from the two exports as MLflow stores them; with MLFLOW_TRACKING_URI at a closed port `make train-base`
 stops at start naming the URI. (What a user sees of these runs in `mlflow ui` is checked in a real browser
-by test_demo_browser.py.)
+by test_demo_browser.py, on its own clone where the README is followed.)
 """
 
 from __future__ import annotations
