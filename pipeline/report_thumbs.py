@@ -161,7 +161,13 @@ class MediaStore:
 
     def __init__(self, out: Path):
         # imported here, not at the top: training.shardindex imports webdataset and so torch, which the
-        # job's driver does not import at start (pipeline.shards.preload_writer loads it during the stream)
+        # job's driver does not import at start (pipeline.shards.preload_writer loads it during the stream).
+        # The package first: preload_writer's thread may still be importing it, and importing one of its
+        # submodules first from here would take the two import locks in the opposite order, a deadlock
+        # Python breaks by failing one of the imports (seen in bench.curation: the job crashed in its
+        # report with KeyError: 'webdataset').
+        import webdataset  # noqa: F401
+
         from training.shardindex import MemberReader, index_tar
 
         self._index_tar = index_tar
