@@ -72,7 +72,7 @@ JOBS: tuple[Job, ...] = (
 
             Defaults below, updated by the YAML file given with `--config` (without it,
             `configs/curate_default.yaml` when present), then by `key=value` overrides on the command line,
-            e.g. `encode.max_side=384 scores.clip.device=cpu filter.min_clip_score=null`. Unknown keys and
+            e.g. `encode.max_side=384 scores.clip.device=cpu filter.min_clip_similarity=null`. Unknown keys and
             badly typed values stop the job before any work, naming the key. The resolved tree is written to
             `OUT/config.yaml`; a re-run on the same OUT compares against it to resume."""),
     ),
