@@ -34,10 +34,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.configtree import ConfigError
 from pipeline.local_cluster import RAY_ENV, free_port
 from training import train
-from training.config import load_config, validate
 
 # Environment of the launching shell that the workers get as well (they may run on other nodes).
 PASSED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "TORCH_EXTENSIONS_DIR")
@@ -124,12 +122,8 @@ def init_ray() -> None:
 def main(argv: list[str] | None = None) -> int:
     args, train_argv = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ns = train.parse_args(train_argv)
-    try:
-        cfg = load_config(ns.config, ns.overrides)
-        validate(cfg)
-    except (ConfigError, ValueError) as exc:
-        print(f"training.ray_train: config error: {exc}", file=sys.stderr)
+    cfg = train.load_checked(train.parse_args(train_argv), "training.ray_train")
+    if cfg is None:
         return 2
     init_ray()
     import ray

@@ -32,14 +32,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def load_checked(args: argparse.Namespace, prog: str = "training.train"):
+    """The validated TrainConfig of parsed arguments, or None after printing `PROG: config error: ...`."""
     try:
         cfg = load_config(args.config, args.overrides)
         validate(cfg)
     except (ConfigError, ValueError) as exc:
-        print(f"training.train: config error: {exc}", file=sys.stderr)
+        print(f"{prog}: config error: {exc}", file=sys.stderr)
+        return None
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_checked(args)
+    if cfg is None:
         return 2
     from training.trainer import run  # torch, DeepSpeed, open_clip, decoders: only for a valid config
 
