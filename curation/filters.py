@@ -120,6 +120,42 @@ class FilterConfig:
     With random CLIP weights (tiny-random) clip_similarity is replaced by sharpness (see apply_filters)."""
 
 
+@dataclass(frozen=True)
+class ScoreRule:
+    """One threshold rule of the late filter: a score column, the FilterConfig fields of its lower and
+    upper bound (None: the rule has no such bound) and the reject reasons for falling below / above them.
+    The one table of rules: reject_reason applies it, the curation report (pipeline.report) draws it."""
+
+    score: str
+    min_field: str | None
+    max_field: str | None
+    low_reason: str = ""
+    high_reason: str = ""
+
+    def bounds(self, cfg: FilterConfig) -> tuple[float | None, float | None]:
+        """(lower, upper) threshold of this rule in `cfg`; None where off or not a bound of this rule."""
+        return (getattr(cfg, self.min_field) if self.min_field else None,
+                getattr(cfg, self.max_field) if self.max_field else None)
+
+
+DURATION_RULE = ScoreRule("duration_s", "min_duration_s", "max_duration_s", "too_short", "too_long")
+"""Rule 1 (before the caption rules)."""
+SCORE_RULES: tuple[ScoreRule, ...] = (
+    ScoreRule("text_score", "min_text_score", None, "low_text_score"),
+    ScoreRule("blank_fraction", None, "max_blank_fraction", high_reason="blank_frames"),
+    ScoreRule("brightness", "min_brightness", "max_brightness", "too_dark", "too_bright"),
+    ScoreRule("contrast", "min_contrast", None, "low_contrast"),
+    ScoreRule("sharpness", "min_sharpness", None, "blurry"),
+    ScoreRule("motion", "min_motion", "max_motion", "static", "too_fast"),
+    ScoreRule("flicker", None, "max_flicker", high_reason="flicker"),
+    ScoreRule("aesthetic", "min_aesthetic", None, "low_aesthetic"),
+    ScoreRule("clip_similarity", "min_clip_similarity", None, "caption_mismatch"),
+)
+"""Rules 3-11, in the order reject_reason applies them (after duration and the caption rules)."""
+VIDEO_ONLY_FIELDS: tuple[str, ...] = ("min_duration_s", "max_duration_s", "min_motion", "max_motion", "max_flicker")
+"""Thresholds that do not apply to images (no duration, motion or flicker): off in for_kind(cfg, "image")."""
+
+
 def validate_filter_config(cfg: FilterConfig, *, clip_random_weights: bool = False, has_aesthetic: bool = True) -> None:
     """Raise ConfigError for inconsistent thresholds, before any work starts."""
     for lo, hi in (("min_duration_s", "max_duration_s"), ("min_brightness", "max_brightness"),
@@ -148,8 +184,7 @@ def validate_filter_config(cfg: FilterConfig, *, clip_random_weights: bool = Fal
 def for_kind(cfg: FilterConfig, kind: str) -> FilterConfig:
     """The thresholds that apply to a clip of `kind`: images have no duration, motion or flicker."""
     if kind == "image":
-        return dataclasses.replace(cfg, min_duration_s=None, max_duration_s=None, min_motion=None,
-                                   max_motion=None, max_flicker=None)
+        return dataclasses.replace(cfg, **{field: None for field in VIDEO_ONLY_FIELDS})
     return cfg
 
 
@@ -171,37 +206,28 @@ def reject_reason(row: dict, cfg: FilterConfig) -> str | None:
     if _value(row, "duration_s") is None and all(_value(row, k) is not None for k in ("start_frame", "end_frame", "fps")):
         if float(row["fps"]) > 0:
             row = {**row, "duration_s": (float(row["end_frame"]) - float(row["start_frame"])) / float(row["fps"])}
-    if (r := _check(row, "duration_s", cfg.min_duration_s, cfg.max_duration_s, "too_short", "too_long")):
+    if (r := _check(row, DURATION_RULE, cfg)):
         return r
     if cfg.caption_rules and row.get("text_issue"):
         code = f"caption_{row['text_issue']}"
         return code if code in REJECT_REASONS else "caption_boilerplate"
-    for key, lo, hi, low_reason, high_reason in (
-        ("text_score", cfg.min_text_score, None, "low_text_score", ""),
-        ("blank_fraction", None, cfg.max_blank_fraction, "", "blank_frames"),
-        ("brightness", cfg.min_brightness, cfg.max_brightness, "too_dark", "too_bright"),
-        ("contrast", cfg.min_contrast, None, "low_contrast", ""),
-        ("sharpness", cfg.min_sharpness, None, "blurry", ""),
-        ("motion", cfg.min_motion, cfg.max_motion, "static", "too_fast"),
-        ("flicker", None, cfg.max_flicker, "", "flicker"),
-        ("aesthetic", cfg.min_aesthetic, None, "low_aesthetic", ""),
-        ("clip_similarity", cfg.min_clip_similarity, None, "caption_mismatch", ""),
-    ):
-        if (r := _check(row, key, lo, hi, low_reason, high_reason)) is not None:
+    for rule in SCORE_RULES:
+        if (r := _check(row, rule, cfg)) is not None:
             return r
     return None
 
 
-def _check(row: dict, key: str, lo: float | None, hi: float | None, low_reason: str, high_reason: str) -> str | None:
+def _check(row: dict, rule: ScoreRule, cfg: FilterConfig) -> str | None:
+    lo, hi = rule.bounds(cfg)
     if lo is None and hi is None:
         return None
-    v = _value(row, key)
+    v = _value(row, rule.score)
     if v is None:
-        return f"missing_{key}"
+        return f"missing_{rule.score}"
     if lo is not None and v < lo:
-        return low_reason
+        return rule.low_reason
     if hi is not None and v > hi:
-        return high_reason
+        return rule.high_reason
     return None
 
 

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from common import configtree
 from common.atomic import write_text
 from curation.config import CurateConfig
-from curation.filters import REJECT_REASONS, FilterConfig
+from curation.filters import DURATION_RULE, REJECT_REASONS, SCORE_RULES, VIDEO_ONLY_FIELDS, FilterConfig
 from pipeline import staging
 from pipeline.manifest import NON_SCORE
 from pipeline.report_charts import Threshold, bar_chart, esc, fmt, histogram_svg
@@ -47,19 +47,12 @@ MAX_ERROR_ROWS = 200
 """Source errors listed one by one (the rest are counted: sources.parquet holds them all)."""
 
 THRESHOLDS: dict[str, list[tuple[str, str, str]]] = {
-    "duration_s": [("min_duration_s", "min", "too_short"), ("max_duration_s", "max", "too_long")],
-    "text_score": [("min_text_score", "min", "low_text_score")],
-    "blank_fraction": [("max_blank_fraction", "max", "blank_frames")],
-    "brightness": [("min_brightness", "min", "too_dark"), ("max_brightness", "max", "too_bright")],
-    "contrast": [("min_contrast", "min", "low_contrast")],
-    "sharpness": [("min_sharpness", "min", "blurry")],
-    "motion": [("min_motion", "min", "static"), ("max_motion", "max", "too_fast")],
-    "flicker": [("max_flicker", "max", "flicker")],
-    "aesthetic": [("min_aesthetic", "min", "low_aesthetic")],
-    "clip_similarity": [("min_clip_similarity", "min", "caption_mismatch")],
+    rule.score: [(field, side, reason) for field, side, reason in (
+        (rule.min_field, "min", rule.low_reason), (rule.max_field, "max", rule.high_reason)) if field]
+    for rule in (DURATION_RULE, *SCORE_RULES)
 }
-"""Score column -> [(FilterConfig field, "min"|"max", the reject reason it gives)] (curation.filters)."""
-VIDEO_ONLY = {"min_duration_s", "max_duration_s", "min_motion", "max_motion", "max_flicker"}
+"""Score column -> [(FilterConfig field, "min"|"max", the reject reason it gives)]: curation.filters' rules."""
+VIDEO_ONLY = set(VIDEO_ONLY_FIELDS)
 """Thresholds that do not apply to images (curation.filters.for_kind)."""
 REASON_SCORE = {reason: score for score, rules in THRESHOLDS.items() for _, _, reason in rules}
 
