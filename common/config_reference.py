@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.configtree import literal_choices
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "configuration.md"
 REGENERATE = "python -m common.config_reference"
@@ -155,14 +157,12 @@ def type_name(tp: Any) -> str:
         return "null"
     if tp is Any:
         return "any"
-    if origin is typing.Literal:
-        return "one of " + ", ".join(json.dumps(a) if isinstance(a, str) else repr(a) for a in args)
+    choices = literal_choices(tp)
+    if choices is not None:
+        values = [c for c in choices if c is not None]
+        return "one of " + ", ".join(json.dumps(a) if isinstance(a, str) else repr(a) for a in values) + \
+            (", null" if len(values) < len(choices) else "")
     if origin in (typing.Union, types.UnionType):
-        non_none = [a for a in args if a is not type(None)]
-        literals = [a for a in non_none if typing.get_origin(a) is typing.Literal]
-        if literals and len(literals) == len(non_none):
-            merged = typing.Literal[tuple(v for a in literals for v in typing.get_args(a))]
-            return type_name(merged) + (", null" if len(non_none) < len(args) else "")
         return " | ".join(type_name(a) for a in args)
     if origin is not None:
         inner = ", ".join("..." if a is Ellipsis else type_name(a) for a in args)

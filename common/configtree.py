@@ -44,14 +44,17 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _choices(tp: Any) -> tuple | None:
-    """The values a `Literal[...]` (or `Literal[...] | None`) annotation allows, else None."""
+def literal_choices(tp: Any) -> tuple | None:
+    """The values a `Literal[...]` annotation (or a union of Literals, optionally with None) allows, None
+    among them when the union has it; None when the annotation is not such a choice."""
     if typing.get_origin(tp) is typing.Literal:
         return typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        literals = [a for a in typing.get_args(tp) if typing.get_origin(a) is typing.Literal]
-        if literals and all(a is type(None) or a in literals for a in typing.get_args(tp)):
-            return tuple(v for a in literals for v in typing.get_args(a)) + (None,)
+        args = typing.get_args(tp)
+        literals = [a for a in args if typing.get_origin(a) is typing.Literal]
+        if literals and all(a is type(None) or a in literals for a in args):
+            values = tuple(v for a in literals for v in typing.get_args(a))
+            return values + ((None,) if type(None) in args else ())
     return None
 
 
@@ -60,7 +63,7 @@ def check_fields(obj: Any, *rules: tuple[str, bool, str]) -> None:
     not one of its choices, then for the first rule (field name, condition, what it must be) whose
     condition is False. from_dict turns it into a ConfigError naming the dotted path."""
     for name, tp in _field_types(type(obj)).items():
-        choices = _choices(tp)
+        choices = literal_choices(tp)
         if choices is not None and getattr(obj, name) not in choices:
             raise FieldError(obj, name, f"valid keys are {list(choices)}")
     for name, ok, why in rules:
