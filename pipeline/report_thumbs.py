@@ -112,12 +112,17 @@ def strip_frames(mp4: bytes, count: int = STRIP_FRAMES) -> list[Image.Image]:
     """`count` frames spread evenly over a stored clip (our own short H.264 mp4), shrunk to THUMB_PX."""
     with av.open(io.BytesIO(mp4)) as container:
         stream = container.streams.video[0]
+        # every frame up to the last wanted one is decoded; the deblocking filter is skipped (~20% of the
+        # decode, invisible at THUMB_PX) and frames are scaled by swscale straight to thumbnail size
+        stream.codec_context.options = {"skip_loop_filter": "all"}
         total = stream.frames or 0
         want = {int(i * total / count) for i in range(count)} if total else set(range(count))
         frames = []
         for i, frame in enumerate(container.decode(stream)):
             if i in want:
-                frames.append(_small(frame.to_image()))
+                scale = min(1.0, THUMB_PX / max(frame.width, frame.height))
+                size = {"width": max(2, round(frame.width * scale)), "height": max(2, round(frame.height * scale))}
+                frames.append(frame.to_image(**size, interpolation="AREA"))
             if total and i >= max(want):
                 break
     return frames
