@@ -34,7 +34,14 @@ from tqdm import tqdm
 
 from common.configtree import ConfigError, from_dict, to_yaml
 from common.dtypes import ALIASES, DTYPES, resolve_dtype
-from model.cascade import BaseStage, RefineStage, StageConfig, base_stage_defaults, refine_stage_defaults
+from model.cascade import (
+    BaseStage,
+    Progress,
+    RefineStage,
+    StageConfig,
+    base_stage_defaults,
+    refine_stage_defaults,
+)
 from model.config import get_flavor
 from model.convert import load_unet as convert_load_unet
 from model.convert import save_checkpoint
@@ -169,6 +176,33 @@ def write_video(frames: np.ndarray, out: str | Path, fps: int) -> tuple[Path, Pa
     return out, frame_dir
 
 
+# --------------------------------------------------------------------------------------------- cascade
+def load_cascade(base_folder: str | Path, refine_folder: str | Path | None, device: torch.device | str,
+                 dtype: torch.dtype) -> tuple[BaseStage, RefineStage | None]:
+    """The base stage and (with `refine_folder`) the refinement stage of the cascade; a checkpoint of the
+    other stage is a ValueError naming the flag (--base / --refine) and the stage it holds."""
+    base = load_pipeline(base_folder, device, dtype)
+    if not isinstance(base, BaseStage):
+        raise ValueError(f"--base {base_folder} holds a '{base.cfg.stage}' stage, expected 'base'")
+    refine = load_pipeline(refine_folder, device, dtype) if refine_folder else None
+    if refine is not None and not isinstance(refine, RefineStage):
+        raise ValueError(f"--refine {refine_folder} holds a '{refine.cfg.stage}' stage, expected 'refine'")
+    return base, refine
+
+
+def run_cascade(base: BaseStage, refine: RefineStage | None, image: torch.Tensor, prompts: list[str], *,
+                base_sampler: SamplerConfig | None = None, refine_sampler: SamplerConfig | None = None,
+                num_frames: int | None = None, fps: int | None = None, generator: torch.Generator | None = None,
+                progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Image (B, 3, H0, W0) in [-1, 1] -> (base video (B, 3, F, H, W), refined video (B, 3, F, H', W') or None
+    without `refine`), both in [-1, 1]: the base stage samples and decodes, then the refiner SDEdits the
+    decoded video, drawing from the same `generator`. Samplers, frames and fps default to stage.yaml's."""
+    latents = base.sample(image, prompts, base_sampler, num_frames, fps, generator, progress)
+    video = base.vae.decode(latents)
+    refined = refine.refine(video, prompts, refine_sampler, None, generator, progress) if refine is not None else None
+    return video, refined
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 def _dtype(name: str, device: torch.device) -> torch.dtype:
     """--dtype as a torch dtype (common.dtypes); auto = bfloat16 on a GPU, float32 on a CPU."""
@@ -179,12 +213,7 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
     """Run the cascade for parsed CLI args; returns a summary dict (paths, shape, fps)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _dtype(args.dtype, device)
-    base = load_pipeline(args.base, device, dtype)
-    if not isinstance(base, BaseStage):
-        raise ValueError(f"--base {args.base} holds a '{base.cfg.stage}' stage, expected 'base'")
-    refine = load_pipeline(args.refine, device, dtype) if args.refine else None
-    if refine is not None and not isinstance(refine, RefineStage):
-        raise ValueError(f"--refine {args.refine} holds a '{refine.cfg.stage}' stage, expected 'refine'")
+    base, refine = load_cascade(args.base, args.refine, device, dtype)
     if refine is not None and args.refine_size:
         w, h = (int(v) for v in args.refine_size.lower().split("x"))
         refine.cfg = dataclasses.replace(refine.cfg, width=w, height=h)
@@ -201,10 +230,10 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
 
     total = base_sampler.steps + (len(_refine_steps(refine, refine_sampler)) if refine is not None else 0)
     with tqdm(total=total, desc="denoising", unit="step", disable=args.quiet) as bar:
-        latents = base.sample(image, prompts, base_sampler, frames, fps, generator, bar.update)
-        video = base.vae.decode(latents)
-        if refine is not None:
-            video = refine.refine(video, prompts, refine_sampler, None, generator, bar.update)
+        base_video, refined = run_cascade(base, refine, image, prompts, base_sampler=base_sampler,
+                                          refine_sampler=refine_sampler, num_frames=frames, fps=fps,
+                                          generator=generator, progress=bar.update)
+    video = base_video if refined is None else refined
     out, frame_dir = write_video(to_uint8_frames(video[0]), args.out, fps)
     return {"out": str(out), "frames_dir": str(frame_dir), "shape": list(video.shape), "fps": fps}
 

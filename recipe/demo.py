@@ -5,6 +5,9 @@
     refine     python -m training.train    configs/train/tiny-refine.yaml -> runs/tiny-refine (MLflow run, export)
     generate   python -m model.generate    the bundled image through both exports -> OUT/video.mp4
     evaluate   python -m training.evaluate the base export on the bundled prompts -> OUT/eval
+    evaluate-cascade
+               python -m training.evaluate the refine export after the base export (`--base`: the cascade,
+                                           base and refined videos scored alike) -> OUT/eval-cascade
 
 (the first three are what `make curate`, `make train-base` and `make train-refine` run, in the same folders)
 
@@ -94,6 +97,11 @@ def steps(out: Path) -> list[Step]:
              [*py, "training.evaluate", "--checkpoint", str(base / "export"), "--out", str(out / "eval"),
               "--no-mlflow"],
              _exists(out / "eval" / "eval.json")),
+        # files only too: the refine recipe does not evaluate during training (it would need the base export)
+        Step("evaluate-cascade", "evaluate the cascade (base export, then the refine export) on the bundled prompts",
+             [*py, "training.evaluate", "--checkpoint", str(refine / "export"), "--base", str(base / "export"),
+              "--out", str(out / "eval-cascade"), "--no-mlflow"],
+             _exists(out / "eval-cascade" / "eval.json")),
     ]
 
 
@@ -127,15 +135,29 @@ def summary(out: Path, seconds: float) -> str:
              "  training runs     `mlflow ui` in this folder, then (loss, samples, exports, evaluation):",
              *[f"                    {line}" for line in training_links()],
              f"  generated video   {out / 'video.mp4'}",
-             f"  evaluation        {out / 'eval'}"]
-    scores = out / "eval" / "eval.json"
-    if scores.is_file():
-        means = json.loads(scores.read_text()).get("means", {})
-        if means:
-            lines.append("                    " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()
-                                                           if isinstance(v, (int, float))))
+             f"  evaluation        {out / 'eval'}  (base stage)",
+             *score_lines(out / "eval"),
+             f"  cascade eval      {out / 'eval-cascade'}  (base -> refine; grid.mp4: image | base | refined)",
+             *score_lines(out / "eval-cascade")]
     lines.append("All models here are tiny and random (built in code): the demo shows the machinery, not quality.")
     return "\n".join(lines)
+
+
+def score_lines(folder: Path) -> list[str]:
+    """The means of FOLDER/eval.json, indented under its summary line: one line, or for a cascade evaluation
+    one for the refined video and one for the base video (its `base/<score>` keys)."""
+    scores = folder / "eval.json"
+    means = json.loads(scores.read_text()).get("means", {}) if scores.is_file() else {}
+    # "base/": training.eval_cascade.BASE_PREFIX, spelled out here: importing that module loads torch
+    groups = {"refined": {k: v for k, v in means.items() if not k.startswith("base/")},
+              "base": {k[len("base/"):]: v for k, v in means.items() if k.startswith("base/")}}
+    cascade = bool(groups["base"])
+    lines = []
+    for label, group in groups.items():
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in group.items() if isinstance(v, (int, float)))
+        if shown:
+            lines.append("                    " + (f"{label}: " if cascade else "") + shown)
+    return lines
 
 
 def training_links() -> list[str]:

@@ -7,7 +7,7 @@ unknown keys and badly typed values raise `common.configtree.ConfigError` naming
 `validate(cfg)` checks what the schema cannot (combinations: flavour vs stage, widths of tiny encoders
 vs the UNet, timestep range vs schedule) without touching the filesystem, so every shipped recipe can be
 validated on any machine. `missing_paths(cfg)` lists the local files a run needs that are absent
-(OpenCLIP checkpoint, VAE folder, init_from, the evaluation's CLIP and prompts), each with its config key;
+(OpenCLIP checkpoint, VAE folder, init_from, the evaluation's CLIP, prompts and base export), each with its config key;
 `check_paths(cfg)` raises on them before any work. Each component receives only its sub-config.
 
 Every class of the tree lives in a module that imports neither torch nor DeepSpeed (`model.config`,
@@ -178,9 +178,15 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"model.diffusion.prediction: {m.diffusion.prediction!r} is not one of ['eps', 'v']")
     if m.flavor:  # init_from's architecture is only known once its file is read (check_paths)
         check_unet(cfg, unet_config(cfg))
-    if cfg.stage != "base" and cfg.evaluation.every_steps is not None:
-        raise ConfigError("evaluation.every_steps: evaluation scores image-to-video generation, i.e. the base "
-                          f"stage; set evaluation.every_steps=null for a {cfg.stage} stage run")
+    e = cfg.evaluation
+    if cfg.stage != "base" and e.every_steps is not None and not e.base_checkpoint:
+        raise ConfigError(f"evaluation.base_checkpoint: a {cfg.stage} stage has no image prompt, so with "
+                          "evaluation.every_steps set it is evaluated as the cascade after a base-stage export: "
+                          "set evaluation.base_checkpoint to one (e.g. runs/tiny-base/export), or "
+                          "evaluation.every_steps=null")
+    if cfg.stage == "base" and e.base_checkpoint:
+        raise ConfigError(f"evaluation.base_checkpoint: {e.base_checkpoint!r} is for a refine stage run (the "
+                          "cascade's base export); a base stage run evaluates its own export: set it to null")
 
 
 def check_unet(cfg: TrainConfig, ucfg: UNetConfig) -> None:
@@ -217,6 +223,8 @@ def missing_paths(cfg: TrainConfig) -> list[tuple[str, str]]:
         missing.append(("evaluation.clip_checkpoint", e.clip_checkpoint))
     if e.every_steps is not None and e.images and not Path(e.images).is_dir():
         missing.append(("evaluation.images", e.images))
+    if e.every_steps is not None and e.base_checkpoint and not (Path(e.base_checkpoint) / "stage.yaml").is_file():
+        missing.append(("evaluation.base_checkpoint", str(Path(e.base_checkpoint) / "stage.yaml")))
     if m.init_from:
         from model.convert import OUR_CONFIG, OUR_WEIGHTS  # imports torch: only for init_from runs
 

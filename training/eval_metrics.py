@@ -124,10 +124,12 @@ def pixel_motion(frames: np.ndarray) -> float:
 def video_metrics(scorer: ClipScorer, frames: np.ndarray, image: np.ndarray, caption: str,
                   fps: float) -> dict[str, float | None]:
     """Every score of METRICS for one generated video: frames (F, H, W, 3) uint8, the input image
-    (H, W, 3) uint8 as the model saw it, its caption ("" = none) and the video's fps."""
-    emb = scorer.embed_images(np.concatenate([np.asarray(image)[None], np.asarray(frames)]))
+    (H', W', 3) uint8 as the model saw it, its caption ("" = none) and the video's fps. The image and the
+    frames may differ in size (a refined video is larger than the base stage's input): CLIP's preprocessing
+    resizes and centre-crops each to its input size."""
+    image_emb = scorer.embed_images(np.asarray(image)[None])[0]
     text_emb = scorer.embed_texts([caption])[0] if caption.strip() else None
-    out = clip_metrics(emb[1:], emb[0], text_emb)
+    out = clip_metrics(scorer.embed_images(np.asarray(frames)), image_emb, text_emb)
     out["motion"] = pixel_motion(frames)
     flow = motion_scores(frames, fps, MotionConfig())
     out["flow_motion"], out["flicker"] = flow["motion"], flow["flicker"]

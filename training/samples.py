@@ -126,7 +126,7 @@ def render_samples(export_folder: str | Path, items: list[dict[str, Any]], out_d
             video = pipe.vae.decode(latents)
         else:
             video = refine_from_half(pipe, item["video"].to(device), prompts, generator)
-        out, _ = write_video(to_uint8_frames(video[0]), out_dir / f"{i:02d}-{_slug(item['key'])}.mp4", pipe.cfg.fps)
+        out, _ = write_video(to_uint8_frames(video[0]), out_dir / f"{i:02d}-{file_key(item['key'])}.mp4", pipe.cfg.fps)
         paths.append(out)
     return paths
 
@@ -141,5 +141,6 @@ def refine_from_half(pipe: RefineStage, video: torch.Tensor, prompts: list[str],
     return pipe.refine(half.permute(1, 0, 2, 3)[None], prompts, generator=generator)
 
 
-def _slug(key: Any) -> str:
+def file_key(key: Any) -> str:
+    """`key` as a safe file name part (other characters become _; at most 80 characters)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(key))[:80] or "item"

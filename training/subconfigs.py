@@ -196,13 +196,19 @@ class SamplingConfig:
 
 @dataclass
 class EvaluationConfig:
-    """Evaluation of the exported base stage (`training.evaluate`): generate from held-out image (+caption)
-    prompts and score fidelity to the image, text alignment, frame consistency and motion. The same config
-    drives `python -m training.evaluate` (its flags) and the evaluations of a training run."""
+    """Evaluation of an exported stage (`training.evaluate`): generate from held-out image (+caption) prompts
+    and score fidelity to the image, text alignment, frame consistency and motion; a refine stage is scored
+    as the cascade after a base-stage export (`base_checkpoint`). The same config drives
+    `python -m training.evaluate` (its flags) and the evaluations of a training run."""
 
     every_steps: int | None = None
     """Training: null = never; 0 = once, at the end of training; N = every N optimizer steps and at the end
-    (each evaluation comes with an export, like the samples). Base stage only."""
+    (each evaluation comes with an export, like the samples). A refine run also needs `base_checkpoint`."""
+    base_checkpoint: str | None = None
+    """Refine runs only: the base-stage export (folder with stage.yaml + unet/, e.g. runs/tiny-base/export)
+    whose videos the refine export refines when it is evaluated (the cascade, as `python -m training.evaluate
+    --checkpoint REFINE --base BASE`). Required when a refine run has evaluation on; must exist before the
+    run starts. null for a base run."""
     images: str | None = None
     """Folder of held-out prompts: NAME.jpg / NAME.jpeg / NAME.png, each with an optional caption NAME.txt;
     null: the bundled image-text pair(s) in tests/assets/sample."""

@@ -19,8 +19,8 @@ rank's parameter bytes right after the UNet was built) and, after its first opti
 `checkpoint.every_steps` and at the end (training.checkpoint); the EMA export + validation mp4s every
 `sampling.every_steps` and at the end (training.samples); the export's evaluation every
 `evaluation.every_steps` (training.evaluate: OUTPUT/eval/step-N/, metrics `eval/...`, an `"event":
-"evaluation"` line). Only rank 0 logs, exports and shows the progress
-bar.
+"evaluation"` line; a refine run evaluates the cascade after `evaluation.base_checkpoint`). Only rank 0
+logs, exports and shows the progress bar.
 """
 
 from __future__ import annotations
@@ -186,9 +186,13 @@ class Run:
         self.evaluator = None
         if cfg.evaluation.every_steps is not None and dist_info.is_main:
             # here, not at the top: scoring (OpenCV, PyAV, the CLIP scorer) only where evaluation is on
-            from training.evaluate import Evaluator, prompt_files
+            from training.eval_cascade import check_base_export
+            from training.eval_media import prompt_files
+            from training.evaluate import Evaluator
 
             prompt_files(cfg.evaluation.images)  # a bad prompt folder fails now, not after training
+            if cfg.evaluation.base_checkpoint:  # a refine run evaluates the cascade after this base export
+                check_base_export(cfg.evaluation.base_checkpoint, "evaluation.base_checkpoint")
             self.evaluator = Evaluator(cfg.evaluation, dist_info.device, self.dtype)
         self.log_start()
 
@@ -347,7 +351,7 @@ class Run:
                 from training.evaluate import log_evaluation
 
                 eval_dir = self.out / "eval" / f"step-{self.step:08d}"
-                result = self.evaluator.evaluate(folder, eval_dir)
+                result = self.evaluator.evaluate(folder, eval_dir, base=self.cfg.evaluation.base_checkpoint)
                 log_evaluation(self.tracker, result, eval_dir, self.step, f"eval/step-{self.step:08d}")
                 self.write_metrics({"event": "evaluation", "step": self.step, "means": result["means"],
                                     "clip": result["clip"]["model"], "clip_real": result["clip"]["real"]})

@@ -32,7 +32,8 @@ from training.eval_metrics import (
     scorer_config,
     video_metrics,
 )
-from training.evaluate import main, prompt_files
+from training.eval_media import prompt_files
+from training.evaluate import main
 from training.subconfigs import EvaluationConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -242,6 +243,6 @@ def test_cli_logs_into_an_existing_run_with_a_real_clip_checkpoint(tiny_exports,
         main(["--checkpoint", str(tiny_exports[0]), "--tracking-uri", store, "--mlflow-run-id", "0" * 32])
 
 
-def test_refine_export_is_refused(tiny_exports, tmp_path):
-    with pytest.raises(ValueError, match="base-stage export"):
+def test_refine_export_alone_is_refused_naming_the_base_flag(tiny_exports, tmp_path):
+    with pytest.raises(ValueError, match="has no image prompt, so it is evaluated as the cascade; pass --base"):
         main(["--checkpoint", str(tiny_exports[1]), "--out", str(tmp_path / "eval"), "--no-mlflow", "--device", "cpu"])
