@@ -60,7 +60,8 @@ from training.eval_media import BUNDLED_PROMPTS, grid_frames, load_prompts, read
 from training.eval_metrics import ScorerChoice, build_scorer, mean_metrics, scorer_config, video_metrics
 from training.samples import render_samples
 from training.subconfigs import EvaluationConfig
-from training.tracking import Tracker, TrackingConfig
+from training.tracking import Tracker
+from training.tracking_store import TrackingConfig
 
 log = logging.getLogger("training.evaluate")
 
