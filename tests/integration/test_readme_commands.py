@@ -254,6 +254,17 @@ def test_every_readme_command_is_run_or_skipped_with_a_reason():
             f"a placeholder PLACEHOLDERS does not fill: {filled!r}"
 
 
+def test_readme_parser_and_placeholders_read_bash_as_bash():
+    text = ("# Top\n```bash\nfoo --a 1 \\\n    --b '# kept' \"x # y\" # gone\nbar#baz   # gone\n  # only a comment\n```\n"
+            "## Next\n```\nnot bash\n```\n```bash\nbaz [--out DIR] IN\n```\n")
+    commands = readme_commands(text)
+    assert [(c.text, c.heading, c.block) for c in commands] == [
+        ("foo --a 1 --b '# kept' \"x # y\"", "Top", 0), ("bar#baz", "Top", 0), ("baz [--out DIR] IN", "Next", 1)]
+    # one pass, longest key first: a replacement is never replaced again, a dropped part leaves one space
+    assert fill(commands[2].text, {"[--out DIR]": "--out IN", "IN": "{clone}/in"}, clone="/c") == "baz --out IN /c/in"
+    assert fill("a [x] b", {"[x]": ""}) == "a b"
+
+
 @pytest.mark.slow
 def test_readme_commands_run_in_order_in_the_demo_clone(demo):
     clone = demo["clone"]
