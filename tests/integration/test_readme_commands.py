@@ -60,7 +60,8 @@ PLACEHOLDERS = {
     "[--mlflow-run-id ID | --no-mlflow]": "--no-mlflow",  # the store keeps one run per stage (the browser test)
     "[...]": "",  # further optional flags
 }
-RAY_PORTS = (6379, 8265, 10001)  # GCS, dashboard, Ray client: the defaults the README's `ray start` takes
+# GCS, dashboard, Ray client, dashboard agent (runs submitted jobs): the defaults the README's `ray start` takes
+RAY_PORTS = (6379, 8265, 10001, 52365)
 MLFLOW_PORT = 5000
 
 
@@ -333,11 +334,16 @@ def _run(term: Terminal, text: str, step: Step, clone: Path, demo: dict) -> tupl
             stop_group(proc)
         return 0, log.read_text(errors="replace")
     if step.mode == "daemon":
-        busy = [port for port in RAY_PORTS if port_in_use(port)]
+        deadline = time.monotonic() + 120  # a curation job's short-lived local Ray may hold 52365 a moment
+        while (busy := [port for port in RAY_PORTS if port_in_use(port)]) and time.monotonic() < deadline:
+            time.sleep(2)
         assert not busy, f"ports {busy} are taken by another process: {text!r} needs them (never `ray stop` it)"
         rc, output = term.run(command, "daemon", step.timeout_s, keep_children=True)
         if rc == 0:
             wait_http("http://127.0.0.1:8265/api/version", step.timeout_s)
+            deadline = time.monotonic() + step.timeout_s  # the agent `ray job submit` needs, as start_head waits
+            while not port_in_use(52365) and time.monotonic() < deadline:
+                time.sleep(0.5)
         return rc, output
     return term.run(command, command.split()[0].replace("/", "_").strip("._")[:20], step.timeout_s)
 
