@@ -87,17 +87,17 @@ def start_head(num_cpus: int = 2, dashboard: bool = False, env: dict[str, str] |
     dash_port = free_port() if dashboard else None
     # short temp dir: Ray's unix socket paths must stay under ~107 characters
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    # no fixed port at all (Ray client server, dashboard agent included): a head started the README's way
+    # (`ray start --head`, its defaults 6379 / 8265 / 10001 / 52365) can run beside this one
+    agent_port = free_port()
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-           "--port", str(port), "--num-cpus", str(num_cpus), "--num-gpus", "0", "--disable-usage-stats",
+           "--port", str(port), "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port",
+           str(agent_port), "--num-cpus", str(num_cpus), "--num-gpus", "0", "--disable-usage-stats",
            "--temp-dir", temp_dir]
     if object_store_mb:
         cmd += ["--object-store-memory", str(object_store_mb * 2**20)]
-    agent_port = free_port() if dashboard else None
     if dashboard:
-        # the head's dashboard agent runs submitted jobs: `ray job submit` fails ("No available agent") until
-        # it listens, which can take seconds after the dashboard itself is up on a busy machine
-        cmd += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
-                "--dashboard-agent-listen-port", str(agent_port)]
+        cmd += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port)]
     else:
         cmd += ["--include-dashboard", "false"]
     with open(Path(temp_dir) / "ray_start.log", "wb") as log:
@@ -107,8 +107,10 @@ def start_head(num_cpus: int = 2, dashboard: bool = False, env: dict[str, str] |
                      temp_dir)
     try:
         _wait_port(port, proc, timeout)
-        for extra in (dash_port, agent_port):
-            if extra is not None:
+        if dashboard:
+            # the head's dashboard agent runs submitted jobs: `ray job submit` fails ("No available agent")
+            # until it listens, which can take seconds after the dashboard itself is up on a busy machine
+            for extra in (dash_port, agent_port):
                 _wait_port(extra, proc, timeout)
     except BaseException:
         head.stop()

@@ -1,4 +1,4 @@
-"""Test-only helpers for the fresh-clone tests (test_train_make.py, test_demo_browser.py).
+"""Test-only helpers for the fresh-clone tests (test_train_make.py, test_demo_browser.py, test_readme_commands.py).
 
 A fresh clone is simulated faithfully: the repository's tracked and untracked-not-ignored files
 (`git ls-files -co --exclude-standard`) copied into a temporary folder and committed there as a new git

@@ -1,9 +1,11 @@
 """The README followed literally in a fresh clone, and what a user then sees, checked in a real browser.
 
 The commands of the README's "Two commands" block are read from README.md and run in order in a fresh
-clone (clone_support: the venv is linked in place of `make setup`'s install): `make demo` runs every step
-(curation, both training stages, generation through the cascade, evaluation); run again, it finds every
-step complete and skips them all. (`make test`, the second command, is the suite running this test.)
+clone (the session fixture `demo` of conftest.py; clone_support: the venv is linked in place of `make
+setup`'s install): `make demo` runs every step (curation, both training stages, generation through the
+cascade, evaluation); run again, it finds every step complete and skips them all. (`make test`, the second
+command, is the suite running this test.) test_readme_commands.py follows the rest of the README in the
+same clone.
 
 The browser is headless Chromium from Debian's packages (/usr/bin/chromium; `.ci/run` installs it), driven
 by Playwright (never a downloaded browser); the tests skip, saying so, only where it is absent. They check:
@@ -24,41 +26,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from clone_support import (
-    CHROMIUM, MAKE_TIMEOUT_S, REPO, clone_env, free_port, fresh_clone, make_cmd, run_group, stage_runs,
-    stop_group,
-)
+from clone_support import CHROMIUM, REPO, clone_env, free_port, stage_runs, stop_group
 from mlflow import MlflowClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SHOTS = REPO / "out" / "browser-screenshots"
 needs_chromium = pytest.mark.skipif(not CHROMIUM.is_file(),
                                     reason="chromium not installed (apt-get install -y chromium): browser checks skipped")
-
-
-def readme_commands() -> list[str]:
-    """The commands of the README's "Two commands" block, in order (comments stripped)."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    block = text.split("## Two commands", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
-    return [line.split("#", 1)[0].strip() for line in block.strip().splitlines() if line.split("#", 1)[0].strip()]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> dict:
-    """A fresh clone where the README's first command runs as written, twice (the second run resumes)."""
-    commands = readme_commands()
-    assert commands == ["make demo", "make test"], commands  # `make test` is the suite running this test
-    clone = fresh_clone(tmp_path_factory.mktemp("readme-clone"))
-    runs = {}
-    for attempt in ("first", "again"):
-        log = clone.parent / f"demo-{attempt}.log"
-        t0 = time.monotonic()
-        rc = run_group(make_cmd(commands[0].split()[1]), clone, MAKE_TIMEOUT_S, log)
-        runs[attempt] = {"seconds": time.monotonic() - t0, "log": log.read_text()}
-        assert rc == 0, f"make demo ({attempt}) exited {rc}:\n{runs[attempt]['log'][-6000:]}"
-    print(f"make demo in a fresh clone (venv in place): {runs['first']['seconds']:.0f} s; "
-          f"again: {runs['again']['seconds']:.0f} s")
-    return {"clone": clone, "uri": f"sqlite:///{clone / 'mlflow.db'}", **runs}
 
 
 def test_make_demo_runs_every_step_then_resumes_with_nothing_to_do(demo):
