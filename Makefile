@@ -57,7 +57,7 @@ demo: setup  ## the whole recipe on the bundled sample: curate, train base + ref
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m recipe.demo $(ARGS)
 
 test: setup  ## the whole test suite (unit + integration), CPU only
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit

@@ -132,7 +132,7 @@ def summary(out: Path, seconds: float) -> str:
     lines = [f"demo finished in {seconds:.0f} s. Where to look:",
              f"  curation report   {REPO / CURATED / 'report.html'}  (funnel, scores, thumbnails)",
              f"  curated data      {REPO / CURATED}/shards, manifest/, stats.json",
-             "  training runs     `mlflow ui` in this folder, then (loss, samples, exports, evaluation):",
+             "  training runs     `.venv/bin/mlflow ui` in this folder, then (loss, samples, exports, evaluation):",
              *[f"                    {line}" for line in training_links()],
              f"  generated video   {out / 'video.mp4'}",
              f"  evaluation        {out / 'eval'}  (base stage)",

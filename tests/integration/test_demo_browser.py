@@ -37,7 +37,7 @@ needs_chromium = pytest.mark.skipif(not CHROMIUM.is_file(),
 
 def test_make_demo_runs_every_step_then_resumes_with_nothing_to_do(demo):
     clone, first, again = demo["clone"], demo["first"]["log"], demo["again"]["log"]
-    steps = ("curate", "base", "refine", "generate", "evaluate")
+    steps = ("curate", "base", "refine", "generate", "evaluate", "evaluate-cascade")
     for step in steps:
         assert not _skipped(first, step) and f"{step} finished in" in first, first[-3000:]
         assert _skipped(again, step), again[-3000:]
@@ -45,6 +45,9 @@ def test_make_demo_runs_every_step_then_resumes_with_nothing_to_do(demo):
     video = clone / "out" / "demo" / "video.mp4"
     scores = json.loads((clone / "out" / "demo" / "eval" / "eval.json").read_text())
     assert video.stat().st_size > 0 and scores["means"]["motion"] is not None
+    cascade = json.loads((clone / "out" / "demo" / "eval-cascade" / "eval.json").read_text())
+    assert cascade["means"]["motion"] is not None and cascade["means"]["base/motion"] is not None
+    assert (clone / "out" / "demo" / "eval-cascade" / "grid.mp4").stat().st_size > 0
     assert (clone / "out" / "curate-sample" / "report.html").is_file()
     assert (clone / "runs" / "tiny-base" / "export" / "stage.yaml").is_file()
     assert (clone / "runs" / "tiny-refine" / "export" / "stage.yaml").is_file()

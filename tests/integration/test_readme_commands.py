@@ -165,6 +165,13 @@ def _evaluated(clone: Path, output: str) -> None:
     assert (out / "grid.mp4").is_file() and scores["means"]["motion"] is not None, output[-3000:]
 
 
+def _evaluated_cascade(clone: Path, output: str) -> None:
+    scores = json.loads((clone / "out" / "readme-eval" / "eval.json").read_text())
+    # both videos of the cascade scored: the refined one under the plain names, the base one under base/
+    assert scores["base_checkpoint"].endswith("runs/tiny-base/export"), scores["base_checkpoint"]
+    assert scores["means"]["motion"] is not None and scores["means"]["base/motion"] is not None, output[-3000:]
+
+
 RUN: dict[str, Step] = {
     "make demo": Step(_demo_ran, mode="demo"),
     ".venv/bin/python -m pipeline.curate --input IN --output OUT [--config FILE] [key=value ...]":
@@ -186,12 +193,14 @@ RUN: dict[str, Step] = {
         Step(_converted("weights/i2vgen-xl-unet"), timeout_s=120),
     "make train-base": Step(_resumed_complete("tiny-base"), timeout_s=400),
     "make train-refine": Step(_resumed_complete("tiny-refine"), timeout_s=400),
-    "mlflow ui": Step(_mlflow_ui, mode="serve", timeout_s=240),
+    ".venv/bin/mlflow ui": Step(_mlflow_ui, mode="serve", timeout_s=240),
     ".venv/bin/python -m model.generate --base runs/tiny-base/export --refine runs/tiny-refine/export --image "
     f'{SAMPLE_JPG} --prompt "a robot" --out out/cascade.mp4': Step(_video("out/cascade.mp4"), timeout_s=240),
     ".venv/bin/python -m training.evaluate --checkpoint runs/tiny-base/export [--images FOLDER] [--out DIR] "
     "[--clip-checkpoint /weights/open_clip_vit_h_14.safetensors] [--mlflow-run-id ID | --no-mlflow]":
         Step(_evaluated, timeout_s=300),
+    ".venv/bin/python -m training.evaluate --checkpoint runs/tiny-refine/export --base runs/tiny-base/export "
+    "[--images FOLDER] [--out DIR]": Step(_evaluated_cascade, timeout_s=300),
 }
 # What the terminal's environment holds after a command (the shell-state commands have no output to check).
 ENV_AFTER = {
