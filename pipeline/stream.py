@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from tqdm import tqdm
+
 from curation.config import CurateConfig
 from curation.inputs import InputItem, is_local
 from curation.process import SourceResult, error_result
@@ -89,31 +91,14 @@ def run_stream(cfg: CurateConfig, out: Path, todo: list[InputItem], plan: ActorP
     interpreter lock, and a thread importing modules while the stream is being built (importing ray.data,
     starting the actors) slows that down several times over, and with it the start of every actor.
     """
-    from pipeline.stages import CLIP_LOAD_ERROR, STAGE_BUG, decode_payload
-
     staging_dir = staging.folder_of(out)
-    done = 0
     if todo:
         if plan is None:
             raise ValueError("run_stream needs an ActorPlan when there are sources to process")
         ds = build_stream(cfg, todo, plan)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
-            if while_running is not None:
-                while_running()
-                while_running = None
-            for key, payload in zip(batch["key"], batch["payload"]):
-                result: SourceResult = decode_payload(payload)
-                if result.source_row.get(CLIP_LOAD_ERROR):
-                    raise JobError(result.source_row[CLIP_LOAD_ERROR])
-                if result.source_row.get(STAGE_BUG):
-                    raise JobError(f"an error that is not about the input (a bug, or this machine failing) on "
-                                   f"{result.source_row['source']} (nothing of it staged), in "
-                                   f"{result.source_row[STAGE_BUG]}")
-                staging.write_source(staging_dir, str(key), result.source_row, result.clip_rows, result.media)
-                done += 1
-                row = result.source_row
-                detail = row.get("error") if row["status"] == "error" else f"{len(result.clip_rows)} clips"
-                print(f"[{done}/{len(todo)}] {row['status']:5s} {row['source']}: {detail}", flush=True)
+        # one bar for the stream (stderr); a line of its own only for a source that failed
+        with tqdm(total=len(todo), desc="curate", unit="source", dynamic_ncols=True) as bar:
+            _consume(ds, staging_dir, bar, while_running)
     finished = staging.finished_keys(staging_dir)
     for item in {it.key: it for it in todo}.values():
         if item.key not in finished:
@@ -121,3 +106,30 @@ def run_stream(cfg: CurateConfig, out: Path, todo: list[InputItem], plan: ActorP
                                   "decoder's isolation or out of memory)")
             staging.write_source(staging_dir, item.key, result.source_row, [], [])
             print(f"[lost] error {item.source}", flush=True)
+
+
+def _consume(ds, staging_dir: Path, bar: tqdm, while_running: Callable[[], object] | None) -> None:
+    """Stage every result of the stream as it arrives; JobError for a model that did not load or a bug."""
+    from pipeline.stages import CLIP_LOAD_ERROR, STAGE_BUG, decode_payload
+
+    counts = {"ok": 0, "error": 0, "clips": 0}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+        if while_running is not None:
+            while_running()
+            while_running = None
+        for key, payload in zip(batch["key"], batch["payload"]):
+            result: SourceResult = decode_payload(payload)
+            if result.source_row.get(CLIP_LOAD_ERROR):
+                raise JobError(result.source_row[CLIP_LOAD_ERROR])
+            if result.source_row.get(STAGE_BUG):
+                raise JobError(f"an error that is not about the input (a bug, or this machine failing) on "
+                               f"{result.source_row['source']} (nothing of it staged), in "
+                               f"{result.source_row[STAGE_BUG]}")
+            staging.write_source(staging_dir, str(key), result.source_row, result.clip_rows, result.media)
+            row = result.source_row
+            counts["error" if row["status"] == "error" else "ok"] += 1
+            counts["clips"] += len(result.clip_rows)
+            if row["status"] == "error":
+                bar.write(f"error {row['source']}: {row.get('error')}")
+            bar.set_postfix(counts, refresh=False)
+            bar.update(1)
