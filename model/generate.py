@@ -228,7 +228,7 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
         refine_sampler = dataclasses.replace(refine.cfg.sampler, **_sampler_overrides(args, refine=True))
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
-    total = base_sampler.steps + (len(_refine_steps(refine, refine_sampler)) if refine is not None else 0)
+    total = cascade_steps(base_sampler, refine, refine_sampler)
     with tqdm(total=total, desc="denoising", unit="step", disable=args.quiet) as bar:
         base_video, refined = run_cascade(base, refine, image, prompts, base_sampler=base_sampler,
                                           refine_sampler=refine_sampler, num_frames=frames, fps=fps,
@@ -249,11 +249,17 @@ def _sampler_overrides(args: argparse.Namespace, refine: bool = False) -> dict[s
     return over
 
 
-def _refine_steps(refine: RefineStage, sampler_cfg: SamplerConfig) -> torch.Tensor:
+def cascade_steps(base_sampler: SamplerConfig, refine: RefineStage | None = None,
+                  refine_sampler: SamplerConfig | None = None) -> int:
+    """Denoising steps one run_cascade makes (what its `progress` is called with, in total): the base
+    sampler's steps, plus the refiner's SDEdit steps below its t_start (refine_sampler: stage.yaml's by default)."""
+    if refine is None:
+        return base_sampler.steps
     from model.samplers import ddim_timesteps
 
-    return ddim_timesteps(refine.cfg.diffusion.num_timesteps, sampler_cfg.steps, sampler_cfg.spacing,
-                          sampler_cfg.steps_offset, refine.cfg.t_start)
+    sampler_cfg = refine_sampler or refine.cfg.sampler
+    return base_sampler.steps + len(ddim_timesteps(refine.cfg.diffusion.num_timesteps, sampler_cfg.steps,
+                                                   sampler_cfg.spacing, sampler_cfg.steps_offset, refine.cfg.t_start))
 
 
 def build_parser() -> argparse.ArgumentParser:

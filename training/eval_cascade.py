@@ -34,12 +34,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from common.atomic import write_text
 from curation.clip_score import ClipScorer
 from model.cascade import StageConfig, resize_center_crop
 from model.generate import (
     STAGE_FILE,
+    cascade_steps,
     load_cascade,
     load_image,
     load_stage_config,
@@ -99,9 +101,11 @@ def upsample(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def evaluate_cascade(cfg: EvaluationConfig, scorer_of: Callable[[ScorerChoice], ClipScorer],
                      refine_export: str | Path, base_export: str | Path, out_dir: str | Path, *,
-                     device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+                     device: torch.device, dtype: torch.dtype,
+                     bar: Callable[[int], tqdm] | None = None) -> dict[str, Any]:
     """Run the cascade on every prompt of `cfg.images`, score both videos, write OUT_DIR/eval.json, grid.mp4 and
-    videos/ (module docstring); returns what eval.json holds. `scorer_of` builds (or reuses) the scorer."""
+    videos/ (module docstring); returns what eval.json holds. `scorer_of` builds (or reuses) the scorer;
+    `bar(total)` makes the progress bar over the denoising steps (none by default)."""
     t0 = time.perf_counter()
     evaluation_stage(refine_export, base_export)
     out_dir, videos_dir = Path(out_dir), Path(out_dir) / VIDEOS
@@ -113,10 +117,12 @@ def evaluate_cascade(cfg: EvaluationConfig, scorer_of: Callable[[ScorerChoice], 
         log.warning("evaluation: %s", choice.note)
     scorer = scorer_of(choice)
     prompts, rows = [], []
+    total = len(paths) * cascade_steps(bcfg.sampler, refine)
+    progress = bar(total) if bar is not None else tqdm(total=total, disable=True)
     for i, (path, caption) in enumerate(zip(paths, captions)):
         image = load_image(path).to(device)
         generator = torch.Generator(device=device).manual_seed(cfg.seed + i)
-        base_video, refined = run_cascade(base, refine, image, [caption], generator=generator)
+        base_video, refined = run_cascade(base, refine, image, [caption], generator=generator, progress=progress.update)
         name = f"{i:02d}-{file_key(Path(path).stem)}"
         base_frames, refined_frames = to_uint8_frames(base_video[0]), to_uint8_frames(refined[0])
         base_mp4, _ = write_video(base_frames, videos_dir / f"{name}-base.mp4", bcfg.fps)
@@ -129,6 +135,7 @@ def evaluate_cascade(cfg: EvaluationConfig, scorer_of: Callable[[ScorerChoice], 
                         "base_video": str(base_mp4.relative_to(out_dir)), **scores,
                         **{BASE_PREFIX + k: v for k, v in base_scores.items()}})
         rows.append([seen, upsample(base_frames, *refined_frames.shape[1:3]), refined_frames])
+    progress.close()
     write_grid(grid_frames(rows), bcfg.fps, out_dir / GRID_MP4)
     base_means = mean_metrics([{k[len(BASE_PREFIX):]: v for k, v in p.items() if k.startswith(BASE_PREFIX)}
                                for p in prompts])

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from common.atomic import write_text
 from common.configtree import to_dict, to_yaml
@@ -69,11 +70,17 @@ log = logging.getLogger("training.evaluate")
 # ------------------------------------------------------------------------------------------ evaluator
 class Evaluator:
     """Renders and scores exports with one `EvaluationConfig`; the scoring CLIP is built once and reused
-    (the trainer keeps one Evaluator for the whole run; the CLI uses one for one export)."""
+    (the trainer keeps one Evaluator for the whole run; the CLI uses one for one export). `progress`: a
+    progress bar over the denoising steps of all prompts (the CLI; the trainer shows its own bar)."""
 
-    def __init__(self, cfg: EvaluationConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+    def __init__(self, cfg: EvaluationConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 progress: bool = False):
+        self.cfg, self.device, self.dtype, self.progress = cfg, torch.device(device), dtype, progress
         self._scorer: tuple[ScorerChoice, Any] | None = None
+
+    def bar(self, total: int) -> tqdm:
+        """The progress bar of one evaluation (disabled unless `progress`)."""
+        return tqdm(total=total, desc="evaluate", unit="step", disable=not self.progress)
 
     def scorer(self, choice: ScorerChoice):
         """The ClipScorer of `choice`, cached while the choice stays the same."""
@@ -89,15 +96,16 @@ class Evaluator:
         stage = evaluation_stage(export, base)
         if base is not None:
             return evaluate_cascade(self.cfg, self.scorer, export, base, out_dir, device=self.device,
-                                    dtype=self.dtype)
+                                    dtype=self.dtype, bar=self.bar)
         out_dir = Path(out_dir)
         items = load_prompts(self.cfg.images, stage.height, stage.width)
         clip_device = "cuda" if self.device.type == "cuda" else "cpu"
         choice = scorer_config(self.cfg, stage.clip, device=clip_device)
         if choice.note:
             log.warning("evaluation: %s", choice.note)
-        paths = render_samples(export, items, out_dir / VIDEOS, seed=self.cfg.seed, device=self.device,
-                               dtype=self.dtype)
+        with self.bar(len(items) * stage.sampler.steps) as bar:
+            paths = render_samples(export, items, out_dir / VIDEOS, seed=self.cfg.seed, device=self.device,
+                                   dtype=self.dtype, progress=bar.update)
         scorer = self.scorer(choice)
         prompts, rows = [], []
         for item, path in zip(items, paths):
@@ -183,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         tracker.check()
         if args.mlflow_run_id:
             tracker.attach(args.mlflow_run_id)
-    result = Evaluator(cfg, device, dtype).evaluate(export, out_dir, base=args.base)
+    result = Evaluator(cfg, device, dtype, progress=True).evaluate(export, out_dir, base=args.base)
     if tracker is not None:
         if not args.mlflow_run_id:
             ran = {"checkpoint": result["checkpoint"]}

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from common.configtree import ConfigError
 from model.cascade import (
     BaseStage,
+    Progress,
     RefineStage,
     StageConfig,
     base_stage_defaults,
@@ -107,11 +108,13 @@ def sampling_items(cfg: SamplingConfig, stage: Stage, data_cfg: DataConfig) -> l
 
 # --------------------------------------------------------------------------------------------- render
 def render_samples(export_folder: str | Path, items: list[dict[str, Any]], out_dir: str | Path, *, seed: int = 0,
-                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> list[Path]:
+                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                   progress: Progress | None = None) -> list[Path]:
     """Load the export with model.generate.load_pipeline and write OUT_DIR/NN-KEY.mp4 (+ _frames/) per item.
 
     Base items need "image" (3, H, W) and "caption"; refine items "video" (3, F, H, W) and "caption", all in
-    [-1, 1]. Sample i uses seed + i. Returns the mp4 paths in item order.
+    [-1, 1]. Sample i uses seed + i. Returns the mp4 paths in item order. `progress(1)` after every
+    denoising step (a progress bar's update).
     """
     device = torch.device(device)
     pipe = load_pipeline(export_folder, device, dtype)
@@ -122,23 +125,23 @@ def render_samples(export_folder: str | Path, items: list[dict[str, Any]], out_d
         generator = torch.Generator(device=device).manual_seed(seed + i)
         prompts = [str(item.get("caption", ""))]
         if isinstance(pipe, BaseStage):
-            latents = pipe.sample(item["image"][None].to(device), prompts, generator=generator)
+            latents = pipe.sample(item["image"][None].to(device), prompts, generator=generator, progress=progress)
             video = pipe.vae.decode(latents)
         else:
-            video = refine_from_half(pipe, item["video"].to(device), prompts, generator)
+            video = refine_from_half(pipe, item["video"].to(device), prompts, generator, progress)
         out, _ = write_video(to_uint8_frames(video[0]), out_dir / f"{i:02d}-{file_key(item['key'])}.mp4", pipe.cfg.fps)
         paths.append(out)
     return paths
 
 
 def refine_from_half(pipe: RefineStage, video: torch.Tensor, prompts: list[str],
-                     generator: torch.Generator) -> torch.Tensor:
+                     generator: torch.Generator, progress: Progress | None = None) -> torch.Tensor:
     """(3, F, H, W) clip -> half-size clip -> refined (1, 3, F, stage H, stage W)."""
     frames = video.permute(1, 0, 2, 3).float()  # (F, 3, H, W)
     h, w = frames.shape[-2:]
     half = F.interpolate(frames, size=(max(8, h // 2), max(8, w // 2)), mode="bilinear", align_corners=False,
                          antialias=True)
-    return pipe.refine(half.permute(1, 0, 2, 3)[None], prompts, generator=generator)
+    return pipe.refine(half.permute(1, 0, 2, 3)[None], prompts, generator=generator, progress=progress)
 
 
 def file_key(key: Any) -> str:
