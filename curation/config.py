@@ -11,6 +11,7 @@ common.configtree); the job writes it back as OUT/config.yaml. Sections:
     encode   curation.encode.EncodeConfig        H.264 clip + JPEG first frame written to the shards
     job      JobConfig                           Ray Data parallelism, per-source limits
     output   OutputConfig                        shard size
+    tracking CurationTrackingConfig              MLflow run of the job (off by default; pipeline.tracking)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Literal
 
 from common import configtree
 from common.configtree import ConfigError
+from common.tracking_store import TrackingConfig
 from curation.clip_score import TINY_MODEL, ClipScoreConfig, validate_clip_config
 from curation.decode_types import DecodeConfig
 from curation.encode import EncodeConfig
@@ -98,6 +100,20 @@ class OutputConfig:
 
 
 @dataclass
+class CurationTrackingConfig(TrackingConfig):
+    """MLflow tracking of a curation job (`tracking.*`): off unless enabled. A tracked job is one MLflow run
+    in the experiment "i2vgen-xl-curation" (`tracking.experiment`): the resolved config as params, the
+    funnel, reject reasons and times of OUT/stats.json as metrics, and report.html, stats.json and
+    config.yaml as artifacts (pipeline.tracking). An unusable store stops the job before any work."""
+
+    enabled: bool = False
+    """Track this job in MLflow (store: tracking.tracking_uri, else $MLFLOW_TRACKING_URI, else
+    sqlite:///<repo root>/mlflow.db, the store the training runs use by default)."""
+    system_metrics: bool = False
+    """Log the driver machine's CPU, memory, disk, network utilisation while the job runs."""
+
+
+@dataclass
 class CurateConfig:
     """Everything the curation job reads; OUT/config.yaml is this tree after overrides."""
 
@@ -108,6 +124,7 @@ class CurateConfig:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     job: JobConfig = field(default_factory=JobConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    tracking: CurationTrackingConfig = field(default_factory=CurationTrackingConfig)
 
 
 # Numeric settings of the sections this module composes and the values that make sense for any input

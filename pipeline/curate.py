@@ -19,6 +19,8 @@ Phases:
    so a resumed run equals an uninterrupted one.
 3. report (pipeline.report): OUT/report.html, written last on every run (resumed ones too); its last
    summary line points to it.
+With `tracking.enabled=true` the job is also one MLflow run (pipeline.tracking): config, stats as metrics,
+report.html + stats.json as artifacts; an unusable store stops the job in phase 0.
 
 Exit status: 0 done; 2 a config or input mistake (nothing written); 1 the job could not go on (a model did
 not load in an actor; what was staged stays for a resume).
@@ -36,6 +38,7 @@ import time
 from pathlib import Path
 
 from common.configtree import ConfigError
+from common.tracking_store import TrackingError
 from curation import config as config_mod
 from curation.config import CurateConfig
 from curation.inputs import InputItem, list_inputs, source_key
@@ -45,6 +48,8 @@ from pipeline.finalize import finalize
 from pipeline.report import write_report
 from pipeline.stats import build_stats, summary_lines, write_stats
 from pipeline.stream import JobError, largest_first, run_stream
+from pipeline.tracking import finish_run, open_tracker, start_run
+from training.tracking import Tracker
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,13 +82,29 @@ def prepare(input_path: str, out_dir: str, cfg: CurateConfig) -> list[InputItem]
     return items
 
 
-def run(input_path: str, out_dir: str, cfg: CurateConfig, items: list[InputItem] | None = None) -> dict:
+def run(input_path: str, out_dir: str, cfg: CurateConfig, items: list[InputItem] | None = None,
+        tracker: Tracker | None = None) -> dict:
     """The whole job; returns the stats dict. ConfigError (before anything is written) when the cluster
-    cannot honour the config; JobError when the job cannot go on."""
+    cannot honour the config; JobError when the job cannot go on. `tracker`: pipeline.tracking.open_tracker's
+    (opened here when not given; inactive unless tracking.enabled)."""
     t0 = time.perf_counter()
     out = Path(out_dir)
     if items is None:
         items = prepare(input_path, out_dir, cfg)
+    tracker = tracker or open_tracker(cfg)
+    start_run(tracker, cfg, input_path, out)
+    try:
+        stats, report = _run_tracked(input_path, out, cfg, items, t0)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    finish_run(tracker, stats, out, report)
+    return stats
+
+
+def _run_tracked(input_path: str, out: Path, cfg: CurateConfig, items: list[InputItem], t0: float
+                 ) -> tuple[dict, Path]:
+    """Phases 1-3 (module docstring); returns (stats, report path)."""
     todo = largest_first(resume.pending(out, items))
     print(f"curate: {len(items)} inputs, {len(items) - len(todo)} already staged, {len(todo)} to process",
           flush=True)
@@ -127,7 +148,7 @@ def run(input_path: str, out_dir: str, cfg: CurateConfig, items: list[InputItem]
     print(f"report:  {report} ({report.stat().st_size / 1e3:.0f} kB, {time.perf_counter() - t3:.1f} s)", flush=True)
     if not cfg.output.keep_staging:
         shutil.rmtree(staging.folder_of(out), ignore_errors=True)
-    return stats
+    return stats, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,12 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_mod.load_config(args.config or default_config_path(), args.overrides)
         items = prepare(args.input, args.output, cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        tracker = open_tracker(cfg)  # an unusable MLflow store stops the job here, before any work
+    except (ConfigError, ValueError, FileNotFoundError, TrackingError) as exc:
         print(f"curate: error: {exc}", file=sys.stderr, flush=True)
         return 2
     try:
-        run(args.input, args.output, cfg, items)
-    except ConfigError as exc:
+        run(args.input, args.output, cfg, items, tracker)
+    except (ConfigError, TrackingError) as exc:
         print(f"curate: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except JobError as exc:

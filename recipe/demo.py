@@ -165,7 +165,7 @@ def training_links() -> list[str]:
     from mlflow import MlflowClient
 
     from training.config import load_config
-    from training.tracking_store import resolve_tracking_uri, sqlite_path, ui_link
+    from common.tracking_store import resolve_tracking_uri, sqlite_path, ui_link
 
     lines = []
     for stage, recipe in RECIPES.items():

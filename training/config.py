@@ -11,7 +11,7 @@ validated on any machine. `missing_paths(cfg)` lists the local files a run needs
 `check_paths(cfg)` raises on them before any work. Each component receives only its sub-config.
 
 Every class of the tree lives in a module that imports neither torch nor DeepSpeed (`model.config`,
-`training.subconfigs`, `training.tracking_store`), so loading and validating a tree imports no heavy package:
+`training.subconfigs`, `common.tracking_store`), so loading and validating a tree imports no heavy package:
 `python -m training.train` reports a bad key or value before it imports them. Only the init_from checks
 read `model.convert`'s format constants, imported where they are used (that module imports torch).
 """
@@ -35,7 +35,7 @@ from training.subconfigs import (
     ObjectiveConfig,
     SamplingConfig,
 )
-from training.tracking_store import TrackingConfig
+from common.tracking_store import TrackingConfig
 
 Stage = Literal["base", "refine"]
 

@@ -18,7 +18,7 @@ import numpy as np
 from curation.encode import EncodeConfig, encode_mp4
 from training.samples import image_items
 from training.subconfigs import SamplingConfig
-from training.tracking_store import repo_root
+from common.tracking_store import repo_root
 
 BUNDLED_PROMPTS = repo_root() / "tests" / "assets" / "sample"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

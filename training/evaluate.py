@@ -62,7 +62,7 @@ from training.eval_metrics import ScorerChoice, build_scorer, mean_metrics, scor
 from training.samples import render_samples
 from training.subconfigs import EvaluationConfig
 from training.tracking import Tracker
-from training.tracking_store import TrackingConfig
+from common.tracking_store import TrackingConfig
 
 log = logging.getLogger("training.evaluate")
 

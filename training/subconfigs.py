@@ -1,7 +1,7 @@
 """The sub-configs of the training job's components, in one module that imports neither torch nor DeepSpeed.
 
 `training.config.TrainConfig` composes them (with the model's configs from `model.config`, and
-`training.tracking_store.TrackingConfig`) into the job's config tree. Because none of these modules imports
+`common.tracking_store.TrackingConfig`) into the job's config tree. Because none of these modules imports
 torch, DeepSpeed, open_clip or a video decoder, `python -m training.train` loads and validates the whole
 tree, and reports a bad key or value naming the field, before any of them is imported (seconds of start-up
 on a busy machine). Each component module imports its own class from here and receives only it:

@@ -1,6 +1,6 @@
 """MLflow tracking of a training run: one experiment per stage, one run per training job (resumes continue it).
 
-Store (training.tracking_store: the `tracking` config section, URIs and UI links): `tracking.tracking_uri`,
+Store (common.tracking_store: the `tracking` config section, URIs and UI links): `tracking.tracking_uri`,
 else $MLFLOW_TRACKING_URI, else `sqlite:///<repo root>/mlflow.db` beside `<repo root>/mlruns/`. For any SQLite store
 the experiment's artifact location is set explicitly beside the database file (MLflow's own default would
 be `./mlruns` of whatever directory the job was started from). A server (`http://...`) decides itself.
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
-from training.tracking_store import (
+from common.tracking_store import (
     EXPERIMENT_KIND_TAG,
     TrackingConfig,
     TrackingError,
@@ -86,11 +86,13 @@ def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------ tracker
 class Tracker:
-    """MLflow client of one training job (see the module docstring); no-op unless main and enabled."""
+    """MLflow client of one training job (see the module docstring); no-op unless main and enabled. The
+    curation job uses it too (pipeline.tracking: stage "curation", source "pipeline.curate")."""
 
-    def __init__(self, cfg: TrackingConfig, *, stage: str, is_main: bool):
+    def __init__(self, cfg: TrackingConfig, *, stage: str, is_main: bool, source: str = "training.train"):
         self.cfg = cfg
         self.stage = stage
+        self.source = source  # the command the run comes from (MLflow's source name tag)
         self.active = bool(cfg.enabled and is_main)
         self.uri = resolve_tracking_uri(cfg) if self.active else None
         self.experiment = cfg.experiment or f"i2vgen-xl-{stage}"
@@ -193,7 +195,7 @@ class Tracker:
 
         commit, dirty = git_commit()
         own = {"stage": self.stage, "git_commit": commit, MLFLOW_GIT_COMMIT: commit,
-               MLFLOW_SOURCE_NAME: "training.train"}
+               MLFLOW_SOURCE_NAME: self.source}
         if dirty is not None:
             own["git_dirty"] = str(dirty).lower()
         merged = resolve_tags({**own, **{k: str(v) for k, v in tags.items()}})

@@ -17,7 +17,8 @@ DEFAULT_YAML = REPO / "configs" / "curate_default.yaml"
 
 # Fields of the curation config that hold free text (a path, a model name, patterns), not a choice.
 FREE_TEXT = {"scores.clip.model", "scores.clip.checkpoint", "scores.quality.aesthetic_head", "scores.text.boilerplate",
-             "decode.scratch_dir", "shots.transnet_weights"}
+             "decode.scratch_dir", "shots.transnet_weights", "tracking.tracking_uri", "tracking.experiment",
+             "tracking.run_name"}
 
 
 def _string_fields(cls, prefix: str = "") -> dict[str, object]:

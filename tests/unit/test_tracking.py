@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from common.configtree import ConfigError, from_dict
 from training.tracking import CUT_MARK, MAX_PARAM_VALUE, Tracker
-from training.tracking_store import (
+from common.tracking_store import (
     TrackingConfig,
     TrackingError,
     artifact_location,
@@ -88,7 +88,7 @@ KILLED_JOB = textwrap.dedent("""
     import os, signal, sys, time
     from mlflow import MlflowClient
     from training.tracking import Tracker
-    from training.tracking_store import TrackingConfig
+    from common.tracking_store import TrackingConfig
     uri = sys.argv[1]
     tracker = Tracker(TrackingConfig(tracking_uri=uri, system_metrics_interval_s=0.3), stage="refine", is_main=True)
     tracker.check()

@@ -1,4 +1,4 @@
-"""Where training runs are tracked: the `tracking` config section and the MLflow store's locations.
+"""Where training and curation runs are tracked: the `tracking` config section and the MLflow store's locations.
 
 Store: `tracking.tracking_uri`, else $MLFLOW_TRACKING_URI, else the default store of the repository,
 `sqlite:///<repo root>/mlflow.db`, whose artifacts go to `<repo root>/mlruns/<experiment>/`, so a plain
