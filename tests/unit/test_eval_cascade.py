@@ -34,6 +34,17 @@ CAPTION = "a robot on a bridge"
 RECIPES = REPO / "configs" / "train"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """torch on one thread in this module: with several, CPU kernels may split their reductions differently
+    after a different call history (an evaluation of two prompts vs one `model.generate` run), which moves a
+    few pixels of an otherwise identical video and would defeat the bit-for-bit comparison below."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory) -> tuple[Path, Path]:
     """Tiny random base (64x64) and refine (96x64) exports, 4 frames, 4 sampler steps."""
