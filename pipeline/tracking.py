@@ -7,9 +7,8 @@ The run is opened when the job starts (its system metrics, when enabled, cover t
   `clips/candidates`, `clips/kept`, `rejected/<reason>`, `sources/<count>`, `time/<phase>_s`,
   `throughput/<rate>`;
 - artifacts: `report/report.html` (the curation report), `report/stats.json`.
-It ends FINISHED with the job, FAILED when the job stops. The store is training.tracking's (the
-training runs' default `sqlite:///<repo root>/mlflow.db` unless tracking.tracking_uri or
-$MLFLOW_TRACKING_URI says otherwise); an unusable store stops the job before any work (TrackingError),
+It ends FINISHED with the job, FAILED when the job stops. The store is the training runs' (common.tracking_store:
+`sqlite:///<repo root>/mlflow.db` unless tracking.tracking_uri or $MLFLOW_TRACKING_URI says otherwise); an unusable store stops the job before any work (TrackingError),
 a failure later is a warning: curated data never depends on MLflow.
 """
 
@@ -29,8 +28,7 @@ ARTIFACTS = "report"
 def open_tracker(cfg: CurateConfig) -> Tracker:
     """The job's Tracker, its store checked (TrackingError when unusable); inactive when tracking is off."""
     tracker = Tracker(cfg.tracking, stage="curation", is_main=True, source=SOURCE)
-    if tracker.active:
-        tracker.check()
+    tracker.check()  # a no-op when tracking is off
     return tracker
 
 

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from common import configtree
 from common.configtree import ConfigError
+from common.tracking_store import TrackingConfig
 from model.config import FLAVORS, ClipConfig, DiffusionConfig, UNetConfig, VAEConfig, get_flavor
 from training.subconfigs import (
     DataConfig,
@@ -35,7 +36,6 @@ from training.subconfigs import (
     ObjectiveConfig,
     SamplingConfig,
 )
-from common.tracking_store import TrackingConfig
 
 Stage = Literal["base", "refine"]
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from common.tracking_store import repo_root
 from curation.encode import EncodeConfig, encode_mp4
 from training.samples import image_items
 from training.subconfigs import SamplingConfig
-from common.tracking_store import repo_root
 
 BUNDLED_PROMPTS = repo_root() / "tests" / "assets" / "sample"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

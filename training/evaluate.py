@@ -55,6 +55,7 @@ from tqdm import tqdm
 from common.atomic import write_text
 from common.configtree import to_dict, to_yaml
 from common.dtypes import ALIASES, DTYPES, resolve_dtype
+from common.tracking_store import TrackingConfig
 from model.generate import to_uint8_frames
 from training.eval_cascade import EVAL_JSON, GRID_MP4, VIDEOS, evaluate_cascade, evaluation_stage
 from training.eval_media import BUNDLED_PROMPTS, grid_frames, load_prompts, read_frames, write_grid
@@ -62,7 +63,6 @@ from training.eval_metrics import ScorerChoice, build_scorer, mean_metrics, scor
 from training.samples import render_samples
 from training.subconfigs import EvaluationConfig
 from training.tracking import Tracker
-from common.tracking_store import TrackingConfig
 
 log = logging.getLogger("training.evaluate")
 
@@ -92,11 +92,11 @@ class Evaluator:
         """Render every prompt from the base export `export`, score it, write OUT_DIR/eval.json, grid.mp4 and
         videos/; returns what eval.json holds. A refine export is evaluated as the cascade after the base
         export `base` (`training.eval_cascade`); without `base` it is an error saying so."""
-        t0 = time.perf_counter()
-        stage = evaluation_stage(export, base)
-        if base is not None:
+        if base is not None:  # evaluate_cascade checks the pairing itself
             return evaluate_cascade(self.cfg, self.scorer, export, base, out_dir, device=self.device,
                                     dtype=self.dtype, bar=self.bar)
+        t0 = time.perf_counter()
+        stage = evaluation_stage(export, None)
         out_dir = Path(out_dir)
         items = load_prompts(self.cfg.images, stage.height, stage.width)
         clip_device = "cuda" if self.device.type == "cuda" else "cpu"

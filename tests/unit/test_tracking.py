@@ -17,7 +17,6 @@ import pytest
 from mlflow import MlflowClient
 
 from common.configtree import ConfigError, from_dict
-from training.tracking import CUT_MARK, MAX_PARAM_VALUE, Tracker
 from common.tracking_store import (
     TrackingConfig,
     TrackingError,
@@ -25,6 +24,7 @@ from common.tracking_store import (
     default_tracking_uri,
     resolve_tracking_uri,
 )
+from training.tracking import CUT_MARK, MAX_PARAM_VALUE, Tracker
 
 REPO = Path(__file__).resolve().parents[2]
 
