@@ -204,13 +204,18 @@ class ProcessSources:
             return error_result(item, f"timed out after {self.cfg.job.source_timeout_s:g} s (job.source_timeout_s)")
 
     def _score(self, result: SourceResult) -> None:
+        limit = self.cfg.job.source_timeout_s
         try:
-            scoring = self._scoring.result()
+            # bounded: a load that never ends (a stuck import or file system) must stop the job with a
+            # reason, not leave every source of this actor waiting forever
+            scoring = self._scoring.result(timeout=limit)
         except Exception as exc:
             # a model that cannot load is a setup error, not a property of this source: the source is
             # flagged and the driver stops the job with this reason (nothing of this source is staged)
+            why = (f"not loaded within {limit:g} s (job.source_timeout_s)"
+                   if isinstance(exc, concurrent.futures.TimeoutError) else f"{type(exc).__name__}: {exc}")
             result.clip_frames = []
-            result.source_row[CLIP_LOAD_ERROR] = f"open_clip did not load: {type(exc).__name__}: {exc}"[:500]
+            result.source_row[CLIP_LOAD_ERROR] = f"open_clip did not load: {why}"[:500]
             return
         scoring.score_or_reject(result)
 

@@ -27,7 +27,8 @@ DEFAULT_YAML = REPO / "configs" / "curate_default.yaml"
 @pytest.fixture(scope="module")
 def cfg():
     return load_config(DEFAULT_YAML,
-                       ["shots.min_shot_s=0.5", "filter.min_duration_s=0.5", "decode.timeout_s=60"])
+                       ["shots.min_shot_s=0.5", "filter.min_duration_s=0.5", "decode.timeout_s=60",
+                        "job.source_timeout_s=120"])  # a hang fails a test in minutes, not the suite
 
 
 @pytest.fixture(scope="module")
@@ -131,23 +132,43 @@ def test_sources_run_in_parallel_threads_with_their_own_decoders(cfg, videos):
     before = running_decoders()
     got: dict[int, list] = {}
     during: list[set[int]] = []
-    barrier = threading.Barrier(len(videos))
+    failed: list[BaseException] = []
+    barrier = threading.Barrier(len(videos), timeout=300)  # a thread that fails breaks it for the others
 
     def work(k: int) -> None:
-        barrier.wait()  # all three start together
-        got[k] = _rows(_result(stage(_batch(videos[k]))))
-        # a decoder process dies with the thread that started it (PR_SET_PDEATHSIG): look while all live
-        if barrier.wait() == 0:
-            during.append(running_decoders())
-        barrier.wait()
+        try:
+            barrier.wait()  # all three start together
+            got[k] = _rows(_result(stage(_batch(videos[k]))))
+            # a decoder process dies with the thread that started it (PR_SET_PDEATHSIG): look while all live
+            if barrier.wait() == 0:
+                during.append(running_decoders())
+            barrier.wait()
+        except BaseException as exc:  # shown by the assertion below, not lost in a thread
+            failed.append(exc)
+            barrier.abort()
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(videos))]
+    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(len(videos))]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(120)
+        t.join(600)
+    assert not [t for t in threads if t.is_alive()] and not failed, failed
     assert [got[k] for k in range(len(videos))] == alone
     assert len(during[0] - before) == len(videos)  # one new decoder process per calling thread
+
+
+def test_a_model_load_that_never_ends_stops_the_job_with_a_reason_instead_of_waiting_forever(cfg, videos):
+    """open_clip loads in the background of a stage-1 actor; its sources wait for it at most
+    job.source_timeout_s, then the source carries the reason the driver stops the job with."""
+    import concurrent.futures
+
+    quick = dataclasses.replace(cfg, job=dataclasses.replace(cfg.job, source_timeout_s=1.0))
+    stage = ProcessSources(quick, score_clips=True)
+    stage._scoring.result()  # the real load is done; stand in a load that is still running
+    stage._scoring = concurrent.futures.Future()
+    res = _result(stage(_batch(videos[0])))
+    assert res.source_row[CLIP_LOAD_ERROR] == "open_clip did not load: not loaded within 1 s (job.source_timeout_s)"
+    assert res.clip_frames == []
 
 
 @pytest.mark.parametrize("cluster, nodes, overrides, want", [
