@@ -323,3 +323,18 @@ class ClipScorer:
                 out[i] = emb[offset : offset + len(clip_frames[i])]
                 offset += len(clip_frames[i])
         return out
+
+
+def build_seeded_scorer(cfg: ClipScoreConfig) -> ClipScorer:
+    """ClipScorer(cfg) built right after `torch.manual_seed(0)`: the tiny random model (no checkpoint) draws its
+    weights from torch's global RNG, so every process that builds it (curation actors, a resumed run, the
+    trainer's evaluations) gets the same model and the same scores; real weights do not depend on it. The
+    caller's RNG state is restored afterwards, and the build holds curation.torch_rng.GLOBAL_RNG_LOCK (another
+    thread of the process may be building a model from the global RNG)."""
+    import torch
+
+    from curation.torch_rng import GLOBAL_RNG_LOCK
+
+    with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return ClipScorer(cfg)

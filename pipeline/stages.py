@@ -28,7 +28,6 @@ from curation.config import CurateConfig
 from curation.errors import is_input_error
 from curation.inputs import InputItem
 from curation.process import CLIP_SIMILARITY, SourceResult, error_result, process_source
-from curation.torch_rng import GLOBAL_RNG_LOCK
 from pipeline.stats import STAGE1_NODE
 
 log = logging.getLogger(__name__)
@@ -103,17 +102,12 @@ class ClipScoring:
     """
 
     def __init__(self, cfg: CurateConfig):
-        import torch
-
         # imported here, not at module level: actors that do not score have no use for open_clip
-        from curation.clip_score import ClipScorer, clip_similarity
+        from curation.clip_score import build_seeded_scorer, clip_similarity
 
         self._clip_similarity = clip_similarity
-        # A model without a checkpoint is randomly initialised: seed it so every actor (and a resumed run)
-        # builds the same one and records the same scores. Real weights do not depend on this.
-        with GLOBAL_RNG_LOCK:  # TransNetV2 may be loading on another thread of this actor (torch_rng.py)
-            torch.manual_seed(0)
-            self.scorer = ClipScorer(cfg.scores.clip)
+        # seeded: every actor (and a resumed run) builds the same tiny random model and records the same scores
+        self.scorer = build_seeded_scorer(cfg.scores.clip)
         self.head = None
         if cfg.scores.quality.aesthetic_head:
             from curation.quality import AestheticHead

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from curation.clip_score import TINY_MODEL, ClipScoreConfig, ClipScorer
+from curation.clip_score import TINY_MODEL, ClipScoreConfig, ClipScorer, build_seeded_scorer
 from curation.motion import MotionConfig, motion_scores
 from model.config import ClipConfig
 from training.subconfigs import EvaluationConfig
@@ -79,14 +79,10 @@ def scorer_config(cfg: EvaluationConfig, stage_clip: ClipConfig, device: str = "
 
 
 def build_scorer(choice: ScorerChoice) -> ClipScorer:
-    """The ClipScorer of `choice` (built once per evaluator: ViT-H-14 takes seconds to load). The tiny random
-    CLIP draws its weights from torch's global RNG: seeded with 0 here, as the curation job seeds it, so every
-    evaluation scores with the same model; the caller's RNG state is restored afterwards."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return ClipScorer(choice.config)
+    """The ClipScorer of `choice` (built once per evaluator: ViT-H-14 takes seconds to load), seeded as the
+    curation job builds it (curation.clip_score.build_seeded_scorer): every evaluation of the tiny random CLIP
+    scores with the same model."""
+    return build_seeded_scorer(choice.config)
 
 
 # -------------------------------------------------------------------------------------------- scores
