@@ -21,7 +21,7 @@ class TrackingError(RuntimeError):
 
 @dataclass
 class TrackingConfig:
-    """Where and how a training run is tracked in MLflow."""
+    """Where and how a job (training, evaluation, curation) is tracked in MLflow."""
 
     enabled: bool = True
     """Track the run in MLflow (false: no MLflow call at all)."""
@@ -32,8 +32,6 @@ class TrackingConfig:
     """Experiment name; None: "i2vgen-xl-<stage>" (one experiment per stage)."""
     run_name: str | None = None
     """Run name shown in the UI; None: MLflow picks one."""
-    log_every: int = 1
-    """Log the trainer's metrics every N optimizer steps (the last step is always logged, by end())."""
     system_metrics: bool = True
     """Log CPU, memory, disk, network (+GPU with nvidia-ml-py) utilisation with MLflow's system metrics."""
     system_metrics_interval_s: float = 10.0
@@ -46,8 +44,6 @@ class TrackingConfig:
     an unreachable server is reported after ~3 s instead of MLflow's default ~4 minutes)."""
 
     def __post_init__(self) -> None:
-        if self.log_every < 1:
-            raise ConfigError(f"tracking.log_every={self.log_every}: must be >= 1")
         if self.system_metrics_interval_s <= 0:
             raise ConfigError(f"tracking.system_metrics_interval_s={self.system_metrics_interval_s}: must be > 0")
         if self.http_timeout_s < 1 or self.http_retries < 0:

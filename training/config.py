@@ -26,7 +26,6 @@ from typing import Any, Literal
 
 from common import configtree
 from common.configtree import ConfigError
-from common.tracking_store import TrackingConfig
 from model.config import FLAVORS, ClipConfig, DiffusionConfig, UNetConfig, VAEConfig, get_flavor
 from training.subconfigs import (
     DataConfig,
@@ -35,6 +34,7 @@ from training.subconfigs import (
     EvaluationConfig,
     ObjectiveConfig,
     SamplingConfig,
+    TrainTrackingConfig,
 )
 
 Stage = Literal["base", "refine"]
@@ -103,7 +103,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: TrainTrackingConfig = field(default_factory=TrainTrackingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     max_steps: int = 1000

@@ -12,6 +12,7 @@ on a busy machine). Each component module imports its own class from here and re
     deepspeed   DeepSpeedConfig  training.engine (ZeRO stage, offload, precision)
     sampling    SamplingConfig   training.samples (validation videos, export defaults)
     evaluation  EvaluationConfig training.evaluate (scores of generated videos)
+    tracking    TrainTrackingConfig training.tracking (MLflow; the shared keys plus the trainer's log_every)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from common.configtree import ConfigError, check_fields
+from common.tracking_store import TrackingConfig
 
 
 @dataclass
@@ -225,3 +227,17 @@ class EvaluationConfig:
         check_fields(self, ("every_steps", self.every_steps is None or self.every_steps >= 0,
                             "must be null (off), 0 (at the end of training) or >= 1"),
                      ("clip_model", bool(self.clip_model.strip()), "must name an open_clip architecture (ViT-H-14)"))
+
+
+@dataclass
+class TrainTrackingConfig(TrackingConfig):
+    """MLflow tracking of a training run (`tracking.*`): the keys every job shares (common.tracking_store)
+    and the trainer's own logging interval."""
+
+    log_every: int = 1
+    """Log the trainer's metrics every N optimizer steps (the last step is always logged, by end())."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.log_every < 1:
+            raise ConfigError(f"tracking.log_every={self.log_every}: must be >= 1")

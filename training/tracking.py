@@ -89,8 +89,10 @@ class Tracker:
     """MLflow client of one training job (see the module docstring); no-op unless main and enabled. The
     curation job uses it too (pipeline.tracking: stage "curation", source "pipeline.curate")."""
 
-    def __init__(self, cfg: TrackingConfig, *, stage: str, is_main: bool, source: str = "training.train"):
+    def __init__(self, cfg: TrackingConfig, *, stage: str, is_main: bool, source: str = "training.train",
+                 log_every: int = 1):
         self.cfg = cfg
+        self.log_every = log_every  # the trainer's tracking.log_every; jobs that log once keep 1
         self.stage = stage
         self.source = source  # the command the run comes from (MLflow's source name tag)
         self.active = bool(cfg.enabled and is_main)
@@ -265,7 +267,7 @@ class Tracker:
         if not self.active or self.run_id is None:
             return
         values = {str(k): float(v) for k, v in metrics.items()}  # a non-number is a caller bug: fails here
-        if step % self.cfg.log_every:
+        if step % self.log_every:
             if self._pending is not None and self._pending[1] == step:  # several calls for one step
                 values = {**self._pending[0], **values}
             self._pending = (values, step)

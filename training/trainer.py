@@ -362,7 +362,7 @@ def run(cfg: TrainConfig, resume: str = "auto") -> int:
     """Train with a validated config (`training.config.validate`); `resume`: auto, none or a checkpoint
     folder (training.checkpoint.find_resume). Returns 0; a failed start raises SystemExit with the reason."""
     dist_info = ds.setup_distributed(cfg.device)
-    tracker = Tracker(cfg.tracking, stage=cfg.stage, is_main=dist_info.is_main)
+    tracker = Tracker(cfg.tracking, stage=cfg.stage, is_main=dist_info.is_main, log_every=cfg.tracking.log_every)
     job = None
     try:
         preflight(cfg, dist_info, tracker)

@@ -47,8 +47,8 @@ def run_of(uri: str, run_id: str):
 
 def test_run_holds_params_config_tags_metrics_artifacts(tmp_path):
     uri = store(tmp_path)
-    cfg = TrackingConfig(tracking_uri=uri, log_every=2, system_metrics=False, run_name="tiny")
-    tracker = Tracker(cfg, stage="base", is_main=True)
+    cfg = TrackingConfig(tracking_uri=uri, system_metrics=False, run_name="tiny")
+    tracker = Tracker(cfg, stage="base", is_main=True, log_every=2)
     tracker.check()
     run_id = tracker.start(params_tree(), "seed: 0\n", {"world_size": "2", "zero_stage": "3", "device": "cpu"})
     for step in range(1, 6):
@@ -224,8 +224,13 @@ def test_store_resolution(monkeypatch):
 
 
 def test_config_is_validated():
+    from training.subconfigs import TrainTrackingConfig
+
     with pytest.raises(ConfigError, match="log_every"):
-        TrackingConfig(log_every=0)
+        TrainTrackingConfig(log_every=0)
     with pytest.raises(ConfigError, match="unknown key"):
         from_dict(TrackingConfig, {"uri": "x"})
-    assert from_dict(TrackingConfig, {"tracking_uri": "null", "log_every": "5"}) == TrackingConfig(log_every=5)
+    with pytest.raises(ConfigError, match="unknown key"):  # the trainer's own key is not a curation key
+        from_dict(TrackingConfig, {"log_every": "5"})
+    assert (from_dict(TrainTrackingConfig, {"tracking_uri": "null", "log_every": "5"})
+            == TrainTrackingConfig(log_every=5))
