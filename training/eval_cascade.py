@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from common.atomic import write_text
 from curation.clip_score import ClipScorer
-from model.cascade import StageConfig, resize_center_crop
+from model.cascade import RefineStage, StageConfig, resize_center_crop
 from model.generate import (
     STAGE_FILE,
     cascade_steps,
@@ -102,15 +102,18 @@ def upsample(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 def evaluate_cascade(cfg: EvaluationConfig, scorer_of: Callable[[ScorerChoice], ClipScorer],
                      refine_export: str | Path, base_export: str | Path, out_dir: str | Path, *,
                      device: torch.device, dtype: torch.dtype,
-                     bar: Callable[[int], tqdm] | None = None) -> dict[str, Any]:
+                     bar: Callable[[int], tqdm] | None = None,
+                     refine_pipe: RefineStage | None = None) -> dict[str, Any]:
     """Run the cascade on every prompt of `cfg.images`, score both videos, write OUT_DIR/eval.json, grid.mp4 and
     videos/ (module docstring); returns what eval.json holds. `scorer_of` builds (or reuses) the scorer;
-    `bar(total)` makes the progress bar over the denoising steps (none by default)."""
+    `bar(total)` makes the progress bar over the denoising steps (none by default); `refine_pipe`: the refine
+    export already loaded (the trainer's, which rendered its samples with it), else it is loaded here."""
     t0 = time.perf_counter()
     evaluation_stage(refine_export, base_export)
     out_dir, videos_dir = Path(out_dir), Path(out_dir) / VIDEOS
     paths, captions = prompt_files(cfg.images)
-    base, refine = load_cascade(base_export, refine_export, device, dtype)
+    base, refine = load_cascade(base_export, None if refine_pipe is not None else refine_export, device, dtype)
+    refine = refine_pipe if refine_pipe is not None else refine
     bcfg, rcfg = base.cfg, refine.cfg
     choice = scorer_config(cfg, bcfg.clip, device="cuda" if device.type == "cuda" else "cpu")
     if choice.note:

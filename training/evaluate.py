@@ -56,6 +56,7 @@ from common.atomic import write_text
 from common.configtree import to_dict, to_yaml
 from common.dtypes import ALIASES, DTYPES, resolve_dtype
 from common.tracking_store import TrackingConfig
+from model.cascade import BaseStage, RefineStage
 from model.generate import to_uint8_frames
 from training.eval_cascade import EVAL_JSON, GRID_MP4, VIDEOS, evaluate_cascade, evaluation_stage
 from training.eval_media import BUNDLED_PROMPTS, grid_frames, load_prompts, read_frames, write_grid
@@ -88,13 +89,15 @@ class Evaluator:
             self._scorer = (choice, build_scorer(choice))
         return self._scorer[1]
 
-    def evaluate(self, export: str | Path, out_dir: str | Path, base: str | Path | None = None) -> dict[str, Any]:
+    def evaluate(self, export: str | Path, out_dir: str | Path, base: str | Path | None = None,
+                 pipe: BaseStage | RefineStage | None = None) -> dict[str, Any]:
         """Render every prompt from the base export `export`, score it, write OUT_DIR/eval.json, grid.mp4 and
         videos/; returns what eval.json holds. A refine export is evaluated as the cascade after the base
-        export `base` (`training.eval_cascade`); without `base` it is an error saying so."""
+        export `base` (`training.eval_cascade`); without `base` it is an error saying so. `pipe`: `export`
+        already loaded (model.generate.load_pipeline; the trainer's), else it is loaded here."""
         if base is not None:  # evaluate_cascade checks the pairing itself
             return evaluate_cascade(self.cfg, self.scorer, export, base, out_dir, device=self.device,
-                                    dtype=self.dtype, bar=self.bar)
+                                    dtype=self.dtype, bar=self.bar, refine_pipe=pipe)
         t0 = time.perf_counter()
         stage = evaluation_stage(export, None)
         out_dir = Path(out_dir)
@@ -105,7 +108,7 @@ class Evaluator:
             log.warning("evaluation: %s", choice.note)
         with self.bar(len(items) * stage.sampler.steps) as bar:
             paths = render_samples(export, items, out_dir / VIDEOS, seed=self.cfg.seed, device=self.device,
-                                   dtype=self.dtype, progress=bar.update)
+                                   dtype=self.dtype, progress=bar.update, pipe=pipe)
         scorer = self.scorer(choice)
         prompts, rows = [], []
         for item, path in zip(items, paths):

@@ -109,15 +109,16 @@ def sampling_items(cfg: SamplingConfig, stage: Stage, data_cfg: DataConfig) -> l
 # --------------------------------------------------------------------------------------------- render
 def render_samples(export_folder: str | Path, items: list[dict[str, Any]], out_dir: str | Path, *, seed: int = 0,
                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                   progress: Progress | None = None) -> list[Path]:
-    """Load the export with model.generate.load_pipeline and write OUT_DIR/NN-KEY.mp4 (+ _frames/) per item.
+                   progress: Progress | None = None, pipe: BaseStage | RefineStage | None = None) -> list[Path]:
+    """Load the export with model.generate.load_pipeline (or use `pipe`, this export already loaded) and
+    write OUT_DIR/NN-KEY.mp4 (+ _frames/) per item.
 
     Base items need "image" (3, H, W) and "caption"; refine items "video" (3, F, H, W) and "caption", all in
     [-1, 1]. Sample i uses seed + i. Returns the mp4 paths in item order. `progress(1)` after every
     denoising step (a progress bar's update).
     """
     device = torch.device(device)
-    pipe = load_pipeline(export_folder, device, dtype)
+    pipe = pipe if pipe is not None else load_pipeline(export_folder, device, dtype)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from common.configtree import to_dict
 from model.convert import OUR_WEIGHTS, load_checkpoint
 from model.diffusion import GaussianDiffusion
+from model.generate import load_pipeline
 from model.unet import I2VGenUNet
 from training import checkpoint as ckpt
 from training import engine as ds
@@ -344,14 +345,16 @@ class Run:
             folder = export_stage(self.out / "export", self.ucfg, weights, stage_of(self.cfg))
             self.tracker.log_artifacts(folder, "export")
             samples_dir = self.out / "samples" / f"step-{self.step:08d}"
+            # loaded once for the samples and the evaluation of this export (seconds at real size)
+            pipe = load_pipeline(folder, self.dist.device, self.dtype)
             render_samples(folder, self.items, samples_dir, seed=self.cfg.sampling.seed, device=self.dist.device,
-                           dtype=self.dtype)
+                           dtype=self.dtype, pipe=pipe)
             self.tracker.log_artifacts(samples_dir, f"samples/step-{self.step:08d}")
             if evaluate and self.evaluator is not None:
                 from training.evaluate import log_evaluation
 
                 eval_dir = self.out / "eval" / f"step-{self.step:08d}"
-                result = self.evaluator.evaluate(folder, eval_dir, base=self.cfg.evaluation.base_checkpoint)
+                result = self.evaluator.evaluate(folder, eval_dir, base=self.cfg.evaluation.base_checkpoint, pipe=pipe)
                 log_evaluation(self.tracker, result, eval_dir, self.step, f"eval/step-{self.step:08d}")
                 self.write_metrics({"event": "evaluation", "step": self.step, "means": result["means"],
                                     "clip": result["clip"]["model"], "clip_real": result["clip"]["real"]})
