@@ -23,7 +23,9 @@ again) and writes the report, or `python -m pipeline.report OUT` rebuilds it alo
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -138,27 +140,31 @@ def thumbnails(out: Path, clips: pa.Table, seed: int) -> dict[str, list[tuple[di
     position = {cid: i for i, cid in enumerate(ids)}
     wanted = sorted({position[c] for chosen in groups.values() for c in chosen})
     rows = {r["clip_id"]: r for r in clips.take(pa.array(wanted, type=pa.int64())).to_pylist()}
-    store, result = MediaStore(out), {}
+    # the stored media are read in order (one staging file at a time), the thumbnails (a decode and an
+    # animated WebP each: most of the report's time) are made on every core; the page does not depend on
+    # which thread made what
+    store, media = MediaStore(out), []
     try:
         for group, chosen in groups.items():
-            shown = []
-            for cid in sorted(chosen, key=lambda c: (rows[c]["source"], c)):  # one staging file at a time
-                row = rows[cid]
+            for cid in sorted(chosen, key=lambda c: (rows[c]["source"], c)):
+                row, mp4, jpg, problem = rows[cid], None, None, None
                 if row.get("kept"):
                     mp4, jpg, problem = store.from_shard(row["shard"], cid)
-                    thumb = make_thumb(row["kind"], mp4, jpg)
-                    thumb.note = problem or thumb.note
                 elif has_media[position[cid]]:
-                    thumb = make_thumb(row["kind"], *store.from_staging(row["source"], cid))
+                    mp4, jpg = store.from_staging(row["source"], cid)
                 else:
-                    thumb = make_thumb(row["kind"], None, None)
-                    thumb.note = ("rejected before encoding" if not encoded[position[cid]]
-                                  else "staging deleted (output.keep_staging=false)")
-                shown.append((row, thumb))
-            result[group] = sorted(shown, key=lambda x: x[0]["clip_id"])
+                    problem = ("rejected before encoding" if not encoded[position[cid]]
+                               else "staging deleted (output.keep_staging=false)")
+                media.append((group, row, mp4, jpg, problem))
     finally:
         store.close()
-    return result
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        thumbs = list(pool.map(lambda m: make_thumb(m[1]["kind"], m[2], m[3]), media))
+    result: dict[str, list[tuple[dict, object]]] = {group: [] for group in groups}
+    for (group, row, _, _, problem), thumb in zip(media, thumbs):
+        thumb.note = problem or thumb.note
+        result[group].append((row, thumb))
+    return {group: sorted(shown, key=lambda x: x[0]["clip_id"]) for group, shown in result.items()}
 
 
 def errors_section(sources: pa.Table, stats: dict) -> str:
