@@ -7,9 +7,10 @@ The run is opened when the job starts (its system metrics, when enabled, cover t
   `clips/candidates`, `clips/kept`, `rejected/<reason>`, `sources/<count>`, `time/<phase>_s`,
   `throughput/<rate>`;
 - artifacts: `report/report.html` (the curation report), `report/stats.json`.
-It ends FINISHED with the job, FAILED when the job stops. The store is the training runs' (common.tracking_store:
-`sqlite:///<repo root>/mlflow.db` unless tracking.tracking_uri or $MLFLOW_TRACKING_URI says otherwise); an unusable store stops the job before any work (TrackingError),
-a failure later is a warning: curated data never depends on MLflow.
+It ends FINISHED with the job, FAILED when the job stops. The store is the training runs'
+(common.tracking_store: `sqlite:///<repo root>/mlflow.db` unless tracking.tracking_uri or
+$MLFLOW_TRACKING_URI says otherwise); an unusable store stops the job before any work (TrackingError), a
+failure later is a warning: curated data never depends on MLflow.
 """
 
 from __future__ import annotations
